@@ -1,0 +1,137 @@
+"""The whole config tree: world, data, every network of the cascade, training, and sampling.
+
+Each layer owns its part (model/config.py, training/config.py, pipelines/world, pipelines/images);
+this module composes them, loads and dumps YAML, and applies `key.path=value` overrides. A bad
+value fails with a message that names the field, e.g. `train.decoder.lr: Input should be greater than 0`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import Field, ValidationError
+
+from model.config import CascadeConfig, ConfigBase, cascade_preset
+from pipelines.images.filters import ImageFilterConfig
+from pipelines.safety import UrlPolicy
+from pipelines.world.config import WorldConfig, world_preset
+from training.config import TrainConfig, train_preset
+
+PRESETS = ("tiny", "toy", "paper")
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists every bad field by its dotted path."""
+
+
+class ImageDataConfig(ConfigBase):
+    filters: ImageFilterConfig = ImageFilterConfig()
+    image_size: int = Field(64, ge=8, description="img2dataset resizes (center crop) to this side")
+    samples_per_shard: int = Field(1000, ge=1)
+    processes: int = Field(2, ge=1)
+    threads: int = Field(8, ge=1)
+    retries: int = Field(1, ge=0, description="img2dataset retries per URL")
+    distributor: Literal["auto", "multiprocessing", "ray"] = Field(
+        "auto", description="auto: ray when RAY_ADDRESS is set, else multiprocessing")
+
+
+class VideoDataConfig(ConfigBase):
+    clip_size: int = Field(64, ge=8, description="frames are decoded at this side")
+    samples_per_shard: int = Field(100, ge=1)
+    processes: int = Field(2, ge=1)
+    fps_min: int = Field(1, ge=1)
+    fps_max: int = Field(30, ge=1)
+
+
+class DataConfig(ConfigBase):
+    images: ImageDataConfig = ImageDataConfig()
+    videos: VideoDataConfig = VideoDataConfig()
+    network: UrlPolicy = UrlPolicy()
+
+
+class PipelineConfig(ConfigBase):
+    preset: str = "toy"
+    world: WorldConfig
+    data: DataConfig
+    cascade: CascadeConfig
+    train: TrainConfig
+
+
+def _loopback_only() -> UrlPolicy:
+    # The toy world is served on 127.0.0.1; nothing else may be reached from tests or the demo.
+    return UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0, max_bytes=20 * 2**20)
+
+
+def preset_config(name: str) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown {name!r}; choose one of {list(PRESETS)}")
+    cascade = cascade_preset(name)
+    shape = cascade.shape
+    if name == "paper":
+        data = DataConfig(images=ImageDataConfig(image_size=shape.base_size, processes=16, threads=32),
+                          videos=VideoDataConfig(clip_size=shape.base_size, processes=16))
+    else:
+        data = DataConfig(
+            images=ImageDataConfig(image_size=shape.sr_high_size, samples_per_shard=64 if name == "tiny" else 1000),
+            videos=VideoDataConfig(clip_size=shape.sr_low_size, samples_per_shard=8 if name == "tiny" else 100),
+            network=_loopback_only(),
+        )
+    return PipelineConfig(preset=name, world=world_preset(name), data=data, cascade=cascade,
+                          train=train_preset(name))
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: no such config section (from --set {dotted}=...)")
+        node = node[key]
+    if keys[-1] not in node:
+        raise ConfigError(f"{dotted}: no such config field")
+    node[keys[-1]] = value
+
+
+def _validate(tree: dict) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(preset: str | None = "toy", path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Preset defaults, then a YAML file (full or partial tree, its `preset` wins), then `a.b=c` overrides."""
+    from_file: dict = {}
+    if path is not None:
+        with fsspec.open(str(path), "r") as fh:
+            from_file = yaml.safe_load(fh) or {}
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping at the top")
+    name = from_file.get("preset", preset or "toy")
+    tree = _merge(preset_config(name).model_dump(mode="json"), from_file)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.decoder.lr=2e-4")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    return _validate(tree)
+
+
+def dump_config(cfg: ConfigBase, path: str | Path | None = None) -> str:
+    """YAML of the resolved tree; written to `path` (any fsspec URL) when given."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if path is not None:
+        with fsspec.open(str(path), "w") as fh:
+            fh.write(text)
+    return text

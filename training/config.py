@@ -1,0 +1,73 @@
+"""Training settings per stage. The pipeline layer composes them with the model and data configs."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from model.config import ConfigBase
+
+STAGES = ("clip", "prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high")
+
+
+class StageTrainConfig(ConfigBase):
+    """How one stage trains: optimisation, precision, scale-out and checkpoint cadence."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1, description="global batch per optimiser step")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
+    grad_accum: int = Field(1, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (processes)")
+    use_gpu: bool = False
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(500, ge=1)
+    max_failures: int = Field(2, ge=0, description="FailureConfig restarts from the last checkpoint")
+    seed: int = 0
+
+
+class TrainConfig(ConfigBase):
+    """All stages, trained in the order of STAGES, tracked in one MLflow experiment."""
+
+    experiment: str = "make-a-video"
+    tracking_uri: str | None = Field(None, description="None: a sqlite file in the run folder")
+    clip: StageTrainConfig = StageTrainConfig()
+    prior: StageTrainConfig = StageTrainConfig()
+    decoder: StageTrainConfig = StageTrainConfig()
+    temporal: StageTrainConfig = StageTrainConfig()
+    interpolation: StageTrainConfig = StageTrainConfig()
+    sr_low: StageTrainConfig = StageTrainConfig()
+    sr_high: StageTrainConfig = StageTrainConfig()
+
+    def stage(self, name: str) -> StageTrainConfig:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        return getattr(self, name)
+
+
+def _all(**kw) -> dict:
+    return {s: StageTrainConfig(**kw) for s in STAGES}
+
+
+def train_preset(name: str) -> TrainConfig:
+    if name == "tiny":
+        return TrainConfig(**_all(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1,
+                                  sample_every=4, lr=1e-3))
+    if name == "toy":
+        stages = _all(steps=1500, batch_size=32, warmup_steps=50, checkpoint_every=250, log_every=25,
+                      sample_every=500, lr=5e-4)
+        stages["clip"] = StageTrainConfig(steps=800, batch_size=64, warmup_steps=50, checkpoint_every=200,
+                                          log_every=25, sample_every=800, lr=1e-3)
+        for video_stage in ("temporal", "interpolation", "sr_low"):
+            stages[video_stage] = stages[video_stage].model_copy(update={"batch_size": 8, "steps": 800})
+        return TrainConfig(**stages)
+    if name == "paper":
+        stages = _all(steps=200_000, batch_size=256, warmup_steps=2000, checkpoint_every=5000, log_every=50,
+                      sample_every=5000, num_workers=8, use_gpu=True, precision="bf16", lr=1e-4, ema_decay=0.9999)
+        return TrainConfig(**stages)
+    raise ValueError(f"unknown preset {name!r}; choose one of ['paper', 'tiny', 'toy']")
