@@ -1,0 +1,1 @@
+"""The image data flow: LAION-style metadata -> filters -> img2dataset shards -> CLIP embeddings."""

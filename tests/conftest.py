@@ -1,0 +1,29 @@
+"""Shared fixtures. Every tool's state goes to a per-session temp folder; nothing leaves 127.0.0.0/8."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test imports Ray/Prefect/MLflow: keep their state out of the home directory.
+    state = Path(os.environ.get("MAV_TEST_STATE", "/tmp/mav-test-state")) / str(os.getpid())
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ["MAV_STATE_DIR"] = str(state)
+    os.environ["PREFECT_HOME"] = str(state / "prefect")
+    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real third-party files in ../shared/data (never copied into the repo)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test files not found at {SHARED_DATA} (the project's shared/data folder)")
+    return SHARED_DATA
