@@ -162,19 +162,11 @@ def test_real_laion_sample_every_row_has_one_outcome():
 
 
 @pytest.mark.slow
-def test_filter_batch_in_ray_data_map_batches():
-    ray = pytest.importorskip("ray")
+def test_filter_batch_in_ray_data_map_batches(ray_session):
     t = filter_metadata(table({}, {"punsafe": 0.9}, {"TEXT": "nsfw"}, {}), ImageFilterConfig())
     source = t.drop_columns(["status", "reason"])
-    started_here = not ray.is_initialized()  # leave a session another test started alone
-    if started_here:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        ds = ray.data.from_arrow(source).map_batches(
-            filter_batch, fn_kwargs={"cfg": ImageFilterConfig()}, batch_format="pyarrow", batch_size=2)
-        rows = sorted(ds.take_all(), key=lambda r: r["row_id"])
-    finally:
-        if started_here:
-            ray.shutdown()
+    ds = ray_session.data.from_arrow(source).map_batches(
+        filter_batch, fn_kwargs={"cfg": ImageFilterConfig()}, batch_format="pyarrow", batch_size=2)
+    rows = sorted(ds.take_all(), key=lambda r: r["row_id"])
     assert [(r["row_id"], r["status"], r["reason"]) for r in rows] == \
         list(zip(*[t.column(c).to_pylist() for c in ("row_id", "status", "reason")]))

@@ -1,0 +1,1 @@
+"""Loaders that read the shards written by `pipelines/` (webdataset tars + manifest JSON)."""
