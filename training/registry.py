@@ -1,0 +1,148 @@
+"""Finding a stage's weights: from the MLflow model registry by name, or from a path on disk.
+
+`register_weights` (training/tracking.py) makes every registered version point at one safetensors file
+logged as a run artifact; this module turns "the current decoder" back into a local file. Sources:
+
+- `"mlflow"`: the default, `models:/mav-<stage>@current`;
+- `"models:/<name>@<alias>"` or `"models:/<name>/<version>"`: that registry version;
+- any other URI MLflow can download (`runs:/...`, `s3://...`, `file://...`);
+- a local `.safetensors` file, or a checkpoint folder holding one.
+
+The registry is read with an explicit `MlflowClient(tracking_uri)`: MLflow's own `models:/` resolver uses
+the process-wide registry URI, which would silently read another store.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from model.checkpoint import load_weights
+from training.tracking import DEFAULT_ALIAS, registered_name
+
+DEFAULT_SOURCE = "mlflow"
+LOCAL_SCHEMES = ("", "file")
+
+
+def default_cache_dir() -> Path:
+    """Downloads from remote artifact stores land here (local stores are read in place)."""
+    return Path(os.environ.get("MAV_STATE_DIR", ".state")).resolve() / "weights-cache"
+
+
+def _client(tracking_uri: str | None):
+    from mlflow import MlflowClient  # MLflow only when the registry is asked, not at import time
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, "3")."""
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.partition("/")
+    if not name or not version.isdigit():
+        raise ValueError(f"unsupported model URI {uri!r}; use models:/<name>@<alias> or models:/<name>/<version>")
+    return name, None, version
+
+
+def _registry_version(stage: str, uri: str, tracking_uri: str | None):
+    """The ModelVersion a models:/ URI names, or a LookupError naming the stage and the store searched."""
+    client = _client(tracking_uri)
+    name, alias, version = _parse_models_uri(uri)
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except Exception as err:
+        if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise LookupError(f"no registered weights for stage {stage!r}: {uri} not found in the MLflow "
+                          f"registry at {client.tracking_uri}") from None
+
+
+def find_safetensors(stage: str, path: Path) -> Path:
+    """A .safetensors file, or the one for `stage` in a checkpoint folder: `<stage>.safetensors` when
+    present, else the folder's only .safetensors file."""
+    if not path.exists():
+        raise FileNotFoundError(f"no weights for stage {stage!r}: {path} does not exist")
+    if path.is_file():
+        return path
+    named = path / f"{stage}.safetensors"
+    if named.is_file():
+        return named
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"no weights for stage {stage!r}: no .safetensors file in {path}")
+    raise FileNotFoundError(f"stage {stage!r}: {path} holds several .safetensors files "
+                            f"({', '.join(f.name for f in found)}) and none is named {named.name}")
+
+
+def _download(uri: str, tracking_uri: str | None, dst: Path) -> Path:
+    """Local artifact URIs are returned in place; remote ones are downloaded once into `dst`."""
+    import mlflow.artifacts
+
+    local = urlparse(uri).scheme in LOCAL_SCHEMES
+    if not local:
+        cached = dst / Path(urlparse(uri).path).name
+        if cached.exists():  # registry versions and run artifacts are immutable
+            return cached
+        dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if local else str(dst),
+                                                    tracking_uri=tracking_uri, registry_uri=tracking_uri))
+
+
+def resolve_weights(stage: str, source: str, tracking_uri: str | None = None, *,
+                    cache_dir: str | os.PathLike | None = None) -> str:
+    """Local path of the safetensors file holding `stage`'s weights, from `source` (see module doc).
+    A stage that is not registered, or a path without weights, raises LookupError / FileNotFoundError
+    naming the stage and where it looked."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if source == DEFAULT_SOURCE:
+        source = f"models:/{registered_name(stage)}@{DEFAULT_ALIAS}"
+    scheme = urlparse(source).scheme
+    if scheme == "models":
+        version = _registry_version(stage, source, tracking_uri)
+        path = _download(version.source, tracking_uri, cache / version.name / str(version.version))
+    elif len(scheme) > 1:  # a URI; one letter would be a Windows drive
+        path = _download(source, tracking_uri, cache / "uri" / stage)
+    else:
+        path = Path(source).expanduser()
+    return str(find_safetensors(stage, path))
+
+
+def load_stage_weights(stage: str, source: str, tracking_uri: str | None = None, *,
+                       cache_dir: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, metadata) of a stage; metadata["config"] is the resolved config it was trained with."""
+    return load_weights(resolve_weights(stage, source, tracking_uri, cache_dir=cache_dir))
+
+
+def stage_versions(tracking_uri: str, alias: str = DEFAULT_ALIAS) -> dict[str, dict]:
+    """For each registered stage: the version `alias` points at (else the newest), its run and source.
+    Written into sidecars so a generated video says exactly which weights made it."""
+    from training.config import STAGES
+
+    client = _client(tracking_uri)
+    out: dict[str, dict] = {}
+    for stage in STAGES:
+        name = registered_name(stage)
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+            held = alias
+        except Exception as err:
+            if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                continue
+            version = max(versions, key=lambda v: int(v.version))
+            held = None
+        out[stage] = {"name": name, "version": int(version.version), "run_id": version.run_id, "alias": held,
+                      "source": version.source, "config_hash": version.tags.get("config_hash"),
+                      "sha256": version.tags.get("sha256")}
+    return out
