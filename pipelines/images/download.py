@@ -28,8 +28,8 @@ from pipelines.safety import UrlPolicy, check_url, system_resolve
 _REASONS = (
     (re.compile(r"Refused by egress proxy"), "refused"),
     (re.compile(r"HTTP Error 404"), "http_404"),
-    (re.compile(r"HTTP Error (\d{3})"), "http_error"),
     (re.compile(r"timed out|timeout|HTTP Error 504", re.I), "timeout"),
+    (re.compile(r"HTTP Error (\d{3})"), "http_error"),
     (re.compile(r"decod|identify|truncat|corrupt", re.I), "corrupt"),
     (re.compile(r"too big|too small|size|aspect", re.I), "bad_size"),
 )
@@ -99,14 +99,14 @@ def collect_outcomes(shards: str) -> pa.Table:
     tables = []
     for stats in sorted(fs.glob(root + "/*_stats.json")):
         shard = stats.rsplit("/", 1)[-1].split("_")[0]
-        part = pq.read_table(fs.open(f"{root}/{shard}.parquet", "rb"), columns=["row_id", "URL", "key", "status",
+        part = pq.read_table(fs.open(f"{root}/{shard}.parquet", "rb"), columns=["row_id", "url", "key", "status",
                                                                                  "error_message"])
         ok = pc.equal(part["status"], "success")
         reasons = pa.array([None if s == "success" else failure_reason(m)
                             for s, m in zip(part["status"].to_pylist(), part["error_message"].to_pylist())],
                            pa.string())
         tables.append(pa.table({
-            "row_id": part["row_id"].cast(pa.int64()), "key": part["URL"],
+            "row_id": part["row_id"].cast(pa.int64()), "key": part["url"],
             "status": pc.if_else(ok, "written", "failed"), "reason": reasons,
             "shard": pc.if_else(ok, pa.scalar(f"{shard}.tar"), pa.scalar(None, pa.string())),
             "sample_key": pc.if_else(ok, part["key"], pa.scalar(None, pa.string())),

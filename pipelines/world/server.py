@@ -52,6 +52,13 @@ class _Server(ThreadingHTTPServer):
         self.log = log
         self.stopping = threading.Event()
 
+    def handle_error(self, request, client_address) -> None:
+        # A downloader that gives up (timeout, size cap) hangs up mid-response: expected, not an error.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
