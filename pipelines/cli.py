@@ -65,6 +65,14 @@ def cmd_world_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_images(args: argparse.Namespace) -> int:
+    from pipelines.flows.images import image_data
+
+    image_data(metadata=[str(p) for p in args.metadata], out=str(args.out), preset=args.preset,
+               config=str(args.config) if args.config else None, overrides=args.overrides, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -98,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", type=Path)
     s.add_argument("--port", type=int, help="default: the port in the world's base_url; 0 picks a free one")
     s.set_defaults(func=cmd_world_serve)
+
+    p = sub.add_parser("data", help="build datasets: `mav data images` (LAION-style) or `mav data videos`",
+                       description="Data flows (Prefect; heavy work on Ray or the tools' own workers).")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="images|videos")
+    d = data_sub.add_parser("images", help="filter LAION-style metadata and download it into webdataset shards",
+                            description="Filter LAION-style parquet metadata (NSFW, watermark, toxic words, size, "
+                                        "similarity), download the kept rows with img2dataset through the egress "
+                                        "policy, and write shards, outcomes.parquet and manifest.json into --out. "
+                                        "Re-running resumes.")
+    _add_config_args(d)
+    d.add_argument("metadata", nargs="+", type=Path, help="parquet file(s) with URL, TEXT, ... columns")
+    d.add_argument("--out", type=Path, required=True, help="dataset folder (local path or fsspec URL)")
+    d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
+    d.set_defaults(func=cmd_data_images)
 
     p = sub.add_parser("demo", help="the main job end to end on the toy preset",
                        description="Run the whole chain as far as it exists, reusing what is already done.")

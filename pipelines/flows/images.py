@@ -1,0 +1,95 @@
+"""Image data flow (LAION-style): filter the metadata, download with img2dataset, write a manifest.
+
+    metadata parquet(s) -> filter (every row: kept or a reason) -> img2dataset into webdataset shards
+    -> outcomes.parquet (one outcome per input row) + manifest.json
+
+Re-running with the same inputs and settings resumes; other inputs or settings in the same folder
+are refused unless `overwrite` is set.
+"""
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+
+from pipelines.config import ImageDataConfig, load_config
+from pipelines.images.download import download_images
+from pipelines.images.filters import filter_metadata, split_kept
+from pipelines.manifest import (OUTCOME_SCHEMA, hash_inputs, join, open_job, shard_entries, write_manifest,
+                                write_outcomes, format_counts)
+from pipelines.safety import UrlPolicy
+
+
+def read_metadata(paths: list[str]) -> pa.Table:
+    tables = []
+    for path in paths:
+        with fsspec.open(path, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def filter_step(table: pa.Table, cfg: ImageDataConfig, out: str) -> pa.Table:
+    filtered = filter_metadata(table, cfg.filters)
+    with fsspec.open(join(out, "filtered.parquet"), "wb") as fh:
+        pq.write_table(filtered, fh)
+    return filtered
+
+
+def download_step(kept: pa.Table, cfg: ImageDataConfig, policy: UrlPolicy, out: str) -> tuple[pa.Table, dict]:
+    return download_images(kept, out, image_size=cfg.image_size, samples_per_shard=cfg.samples_per_shard,
+                           processes=cfg.processes, threads=cfg.threads, retries=cfg.retries,
+                           distributor=cfg.distributor, policy=policy)
+
+
+def _shard_samples(out: str) -> dict[str, int]:
+    fs, root = fsspec.core.url_to_fs(join(out, "shards"))
+    samples = {}
+    for stats in fs.glob(root + "/*_stats.json"):
+        with fs.open(stats, "r") as fh:
+            samples[stats.rsplit("/", 1)[-1].split("_")[0] + ".tar"] = json.load(fh)["successes"]
+    return samples
+
+
+def _step(fn, name: str, as_tasks: bool):
+    """A step as a Prefect task inside a flow run, or the plain function elsewhere."""
+    return task(fn, name=name) if as_tasks else fn
+
+
+def build_image_dataset(metadata: list[str], out: str, cfg: ImageDataConfig, policy: UrlPolicy,
+                        overwrite: bool = False, as_tasks: bool = False) -> dict:
+    """The flow's body: plain functions, or Prefect tasks when `as_tasks` (inside a flow run)."""
+    settings = {"images": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json")}
+    inputs_hash = hash_inputs(metadata)
+    open_job(out, kind="images", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
+    table = _step(read_metadata, "read-metadata", as_tasks)(metadata)
+    filtered = _step(filter_step, "filter-metadata", as_tasks)(table, cfg, out)
+    kept, dropped = split_kept(filtered)
+    fetched, egress = _step(download_step, "download-images", as_tasks)(kept, cfg, policy, out)
+    filtered_rows = pa.table({
+        "row_id": dropped["row_id"], "key": dropped["URL"], "status": dropped["status"],
+        "reason": dropped["reason"], "shard": pa.nulls(len(dropped), pa.string()),
+        "sample_key": pa.nulls(len(dropped), pa.string()),
+    }, schema=OUTCOME_SCHEMA)
+    outcomes = pa.concat_tables([fetched, filtered_rows])
+    samples = _shard_samples(out)
+    fs, root = fsspec.core.url_to_fs(join(out, "shards"))
+    shards = shard_entries(fs, root, list(samples), samples)
+    for entry in shards:
+        entry["name"] = f"shards/{entry['name']}"
+    write_outcomes(out, outcomes)
+    return write_manifest(out, kind="images", inputs=metadata, inputs_hash=inputs_hash, settings=settings,
+                          outcomes=outcomes, shards=shards, extra={"egress": egress, "input_rows": len(table)})
+
+
+@flow(name="image-data", log_prints=True)
+def image_data(metadata: list[str], out: str, preset: str = "toy", config: str | None = None,
+               overrides: list[str] | None = None, overwrite: bool = False) -> dict:
+    """Filter LAION-style metadata and download the kept rows into webdataset shards with a manifest."""
+    cfg = load_config(preset, config, overrides or [])
+    manifest = build_image_dataset(metadata, out, cfg.data.images, cfg.data.network, overwrite, as_tasks=True)
+    get_run_logger().info("image dataset at %s", out)
+    print(f"image dataset {out}: {manifest['rows']} rows\n" + format_counts(manifest["counts"], manifest["rows"]))
+    return manifest

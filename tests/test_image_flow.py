@@ -1,0 +1,153 @@
+"""The image flow for real: toy-world metadata -> filters -> img2dataset over loopback HTTP -> shards.
+
+Every input row must end in exactly the outcome the world's ground truth says; nothing but
+127.0.0.0/8 is ever contacted (a canary on 127.0.0.2 proves the redirect path is closed too).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipelines.config import ImageDataConfig
+from pipelines.flows.images import build_image_dataset
+from pipelines.manifest import ManifestError, read_manifest
+from pipelines.safety import UrlPolicy
+from pipelines.world import generate_world, rebase_world, serve_world, world_preset
+
+# What each ground-truth category must become: (status, reason).
+EXPECTED = {
+    "ok": ("written", None), "nsfw": ("filtered", "nsfw"), "watermark": ("filtered", "watermark"),
+    "toxic": ("filtered", "toxic"), "too_small": ("filtered", "too_small"), "http_404": ("failed", "http_404"),
+    "corrupt": ("failed", "corrupt"), "slow": ("failed", "timeout"),
+}
+POLICY = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20)
+IMAGES = ImageDataConfig(image_size=32, samples_per_shard=16, processes=1, threads=4, retries=0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, world_preset("tiny"))
+    with serve_world(root, port=0, slow_seconds=3.0) as server:
+        rebase_world(root, server.url)
+        yield root, server
+
+
+def _outcomes(out: Path) -> dict[int, tuple[str, str | None]]:
+    table = pq.read_table(out / "outcomes.parquet")
+    return {r["row_id"]: (r["status"], r["reason"]) for r in table.to_pylist()}
+
+
+def _keys(out: Path) -> list[str]:
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    return [s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)]
+
+
+def test_every_row_ends_as_the_ground_truth_says(world, tmp_path):
+    root, _ = world
+    out = tmp_path / "images"
+    manifest = build_image_dataset([str(root / "laion.parquet")], str(out), IMAGES, POLICY)
+    truth = pq.read_table(root / "ground_truth.parquet").to_pandas().query("source == 'laion'")
+    outcomes = _outcomes(out)
+    assert len(outcomes) == len(truth) == manifest["rows"] == manifest["input_rows"]
+    for row in truth.itertuples():
+        assert outcomes[row.row] == EXPECTED[row.expected], (row.row, row.expected, row.url)
+    # Counts add up and match the shards; every shard sample is readable and carries image, caption, json.
+    assert sum(manifest["counts"].values()) == manifest["rows"]
+    written = manifest["counts"]["written"]
+    assert sum(s["samples"] for s in manifest["shards"]) == written == (truth.expected == "ok").sum()
+    tars = [str(out / s["name"]) for s in manifest["shards"]]
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    assert len(samples) == written
+    for sample in samples:
+        assert sample["jpg"].size == (32, 32) and sample["txt"]
+        assert json.loads(json.dumps(sample["json"]))["row_id"] in outcomes
+    for entry in manifest["shards"]:
+        assert entry["sha256"] == hashlib.sha256((out / entry["name"]).read_bytes()).hexdigest()
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(world, tmp_path):
+    root, _ = world
+    out = tmp_path / "images"
+    cfg = IMAGES.model_copy(update={"samples_per_shard": 8})
+    first = build_image_dataset([str(root / "laion.parquet")], str(out), cfg, POLICY)
+    before = _outcomes(out)
+    # A kill mid-shard leaves a truncated tar and no _stats.json: that shard must be redone.
+    (out / "shards" / "00001_stats.json").unlink()
+    tar = out / "shards" / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])
+    second = build_image_dataset([str(root / "laion.parquet")], str(out), cfg, POLICY)
+    assert _outcomes(out) == before
+    assert second["counts"] == first["counts"]
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == first["counts"]["written"]
+    with pytest.raises(ManifestError, match="settings"):
+        build_image_dataset([str(root / "laion.parquet")], str(out), cfg.model_copy(update={"image_size": 16}), POLICY)
+
+
+class _Canary(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - stdlib name
+        self.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_refused_addresses_never_receive_a_packet(world, tmp_path):
+    root, server = world
+    canary = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Canary)
+    threading.Thread(target=canary.serve_forever, daemon=True).start()
+    try:
+        target = f"http://127.0.0.2:{canary.server_address[1]}/img.jpg"
+        good = f"{server.url}/files/images/img000000.jpg"
+        urls = [target, f"{server.url}/redirect?to={target}", "http://169.254.169.254/latest/meta-data",
+                "http://10.0.0.1/a.jpg", "http://93.184.216.34/a.jpg", "file:///etc/passwd", good]
+        table = pa.table({"URL": urls, "TEXT": ["a red circle"] * len(urls), "WIDTH": [64] * len(urls),
+                          "HEIGHT": [64] * len(urls)})
+        meta = tmp_path / "meta.parquet"
+        pq.write_table(table, meta)
+        manifest = build_image_dataset([str(meta)], str(tmp_path / "out"), IMAGES, POLICY)
+        outcomes = _outcomes(tmp_path / "out")
+        assert [outcomes[i] for i in range(len(urls))] == [("failed", "refused")] * 6 + [("written", None)]
+        assert _Canary.hits == []
+        assert any("127.0.0.2" in url for url, _ in manifest["egress"]["refused"])  # refused at the redirect
+    finally:
+        canary.shutdown()
+        canary.server_close()
+
+
+def test_real_laion_rows_rewritten_to_loopback(world, shared_data, tmp_path):
+    """img2dataset's 1,000 real rows: their TEXT through the filters, their URLs pointed at the loopback
+    server (a few at toy images, the rest at paths that 404); each ends as the right outcome."""
+    root, server = world
+    real = pq.read_table(shared_data / "test_1000.parquet")
+    served = sorted(p.name for p in (root / "files" / "images").glob("img*.jpg"))[:5]
+    urls = [f"{server.url}/files/images/{served[i]}" if i < len(served)
+            else f"{server.url}/rewritten/{hashlib.sha1(u.encode()).hexdigest()}.jpg"
+            for i, u in enumerate(real.column("URL").to_pylist())]
+    rewritten = real.set_column(real.schema.get_field_index("URL"), "URL", pa.array(urls))
+    meta = tmp_path / "real.parquet"
+    pq.write_table(rewritten, meta)
+    cfg = IMAGES.model_copy(update={"samples_per_shard": 500, "threads": 16})
+    manifest = build_image_dataset([str(meta)], str(tmp_path / "out"), cfg, POLICY)
+    outcomes = _outcomes(tmp_path / "out")
+    assert len(outcomes) == 1000 == manifest["rows"]
+    statuses = {o for o in outcomes.values()}
+    assert statuses <= {("written", None), ("filtered", "toxic"), ("failed", "http_404"), ("failed", "corrupt")}
+    assert manifest["counts"].get("filtered:toxic", 0) >= 1
+    written = [i for i, o in outcomes.items() if o == ("written", None)]
+    assert set(written) <= set(range(len(served)))
+    assert all(outcomes[i][0] in ("failed", "filtered") for i in range(len(served), 1000))
+    assert all(url.startswith(server.url) for url in rewritten.column("URL").to_pylist())
