@@ -18,14 +18,6 @@ B, FRAMES, SIZE = 2, 3, 16
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def nets() -> dict[str, UNet]:
     torch.manual_seed(0)

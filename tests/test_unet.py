@@ -14,15 +14,6 @@ TINY = cascade_preset("tiny")
 B = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny nets run 10x faster on one thread than on two when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(stage: str, cfg: CascadeConfig, video: bool, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """A batch for `stage` at its own resolution; SR gets a low-res input at half size."""
     net_cfg = getattr(cfg, stage).net

@@ -1,0 +1,91 @@
+"""Image flow throughput against bare img2dataset on the same loopback-served toy images, same cores.
+
+Both download the same kept rows (the flow's filter runs first; bare img2dataset gets the kept rows
+directly, with no egress proxy). Reported: images/s and CPU-seconds per image (this process and its
+children), and the ratio flow/bare. The flow's extra cost is the filter, the URL decisions, the
+egress proxy on every request and the outcome bookkeeping.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipelines.config import ImageDataConfig
+from pipelines.flows.images import build_image_dataset
+from pipelines.images.filters import filter_metadata, split_kept
+from pipelines.safety import UrlPolicy
+from pipelines.world import WorldConfig, generate_world, rebase_world, serve_world, world_preset
+
+
+def _cpu() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _measure(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), _cpu()
+    fn()
+    return time.perf_counter() - wall, _cpu() - cpu
+
+
+def _bare(url_list: str, out: str, cfg: ImageDataConfig) -> None:
+    import img2dataset
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        img2dataset.download(url_list=url_list, input_format="parquet", url_col="URL", caption_col="TEXT",
+                             output_format="webdataset", output_folder=out, image_size=cfg.image_size,
+                             resize_mode="center_crop", processes_count=cfg.processes, thread_count=cfg.threads,
+                             number_sample_per_shard=cfg.samples_per_shard, timeout=4, retries=0,
+                             enable_wandb=False, extract_exif=False, disallowed_header_directives=[])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "images.json")
+    parser.add_argument("--images", type=int, default=1500)
+    args = parser.parse_args()
+    base = world_preset("toy")
+    # No slow rows: a timeout would measure the world's sleep, not the downloaders.
+    world_cfg = WorldConfig.model_validate({**base.model_dump(), "n_images": args.images, "n_videos": 8,
+                                            "n_hdvila_videos": 3, "slow_rows": 0})
+    cfg = ImageDataConfig(image_size=64, samples_per_shard=500, processes=2, threads=16, retries=0)
+    policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "world"
+        generate_world(root, world_cfg)
+        with serve_world(root, port=0) as server:
+            rebase_world(root, server.url)
+            kept, _ = split_kept(filter_metadata(pq.read_table(root / "laion.parquet"), cfg.filters))
+            pq.write_table(kept.select(["URL", "TEXT"]), Path(tmp) / "kept.parquet")
+            bare_wall, bare_cpu = _measure(lambda: _bare(str(Path(tmp) / "kept.parquet"), f"{tmp}/bare", cfg))
+            flow_wall, flow_cpu = _measure(lambda: build_image_dataset(
+                [str(root / "laion.parquet")], f"{tmp}/flow", cfg, policy))
+            written = json.loads((Path(tmp) / "flow" / "manifest.json").read_text())["counts"]["written"]
+    n = len(kept)
+    result = {
+        "device": "cpu", "cores": os.cpu_count(), "input_rows": args.images, "kept_rows": n, "written": written,
+        "processes": cfg.processes, "threads": cfg.threads,
+        "bare_img2dataset": {"wall_s": round(bare_wall, 2), "images_per_s": round(n / bare_wall, 1),
+                             "cpu_s_per_image": round(bare_cpu / n, 4)},
+        "flow": {"wall_s": round(flow_wall, 2), "images_per_s": round(n / flow_wall, 1),
+                 "cpu_s_per_image": round(flow_cpu / n, 4)},
+        "flow_over_bare_throughput": round(bare_wall / flow_wall, 3),
+        "flow_over_bare_cpu_per_image": round(flow_cpu / max(bare_cpu, 1e-9), 3),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
