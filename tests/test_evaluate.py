@@ -1,0 +1,157 @@
+"""The toy-world evaluator: the world's own videos pass the quality bar, corrupted ones fail it."""
+from __future__ import annotations
+
+import cv2
+import decord
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.evaluate import (EvalConfig, Prompt, as_frames, background_shift, detect_object, evaluate_video,
+                                evaluate_videos, parse_prompt)
+from pipelines.world import generate_world, world_preset
+from pipelines.world.config import COLOURS
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(ground truth table, {sample_id: (frames (F, H, W, 3) uint8, caption)}) of every decodable video."""
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, world_preset("tiny"))
+    truth = pq.read_table(root / "ground_truth.parquet").to_pandas()
+    rows = truth[(truth.source != "laion") & truth.truth.notna() & ~truth.expected.isin(["corrupt", "html"])]
+    videos = {}
+    for row in rows.drop_duplicates("sample_id").itertuples():
+        reader = decord.VideoReader(str(root / "files" / "videos" / f"{row.sample_id}.mp4"))
+        videos[row.sample_id] = (reader.get_batch(list(range(len(reader)))).asnumpy(), row.caption)
+    return root, truth, videos
+
+
+def test_the_parser_reads_every_caption_of_the_world(world):
+    _, truth, _ = world
+    for row in truth.itertuples():
+        p = parse_prompt(row.caption)
+        assert (p.shape, p.colour, p.background, p.motion) == (row.shape, row.colour, row.background, row.motion)
+        if row.motion in (None, "grow"):  # image captions and 'growing' name the position
+            assert p.position == row.position, row.caption
+        if row.motion != "grow":  # 'growing' captions leave out the size
+            assert p.size == row.size, row.caption
+
+
+def test_the_parser_handles_free_phrasings():
+    assert parse_prompt("A red circle on a blue background.") == Prompt(shape="circle", colour="red", background="blue")
+    p = parse_prompt("Two large green squares against a grey background, in the centre")
+    assert (p.shape, p.colour, p.background, p.size, p.position) == ("square", "green", "gray", "large", "center")
+    p = parse_prompt("a blue triangle drifting down and to the left on green")
+    assert (p.colour, p.background, p.motion, p.direction) == ("blue", "green", "drift", "down and to the left")
+    assert parse_prompt("the camera pans up over a yellow diamond on black").direction == "up"
+    assert parse_prompt("a landscape at dawn") == Prompt()
+
+
+def test_world_images_are_recognised(world):
+    root, truth, _ = world
+    rows = truth[(truth.source == "laion") & (truth.expected == "ok")]
+    results = [evaluate_video(np.asarray(Image.open(root / "files" / "images" / f"{r.sample_id}.jpg"))[None], r.caption)
+               for r in rows.itertuples()]
+    assert np.mean([r["prompt_faithfulness"] for r in results]) >= 0.95
+    assert all(r["motion_match"] is None for r in results)
+
+
+def test_world_videos_score_near_perfect(world):
+    _, _, videos = world
+    report = evaluate_videos([v for v, _ in videos.values()], [c for _, c in videos.values()])
+    assert len(report["videos"]) == len(videos) >= 5
+    for r in report["videos"]:
+        assert r["prompt_faithfulness"] >= 0.95, r["prompt"]
+        assert r["temporal_consistency"] >= 0.95, r["prompt"]
+        assert r["moving"] and r["motion_ok"] and r["motion_match"], r["prompt"]
+        assert r["background_accuracy"] == 1.0 and r["background_error"] < 0.03
+        assert r["frame_quality"] > 0.5, r["prompt"]
+    assert report["mean"]["prompt_faithfulness"] >= 0.95 and report["mean"]["motion_ok"] == 1.0
+    assert set(report["mean"]) >= {"prompt_faithfulness", "temporal_consistency", "motion_smoothness", "frame_quality"}
+
+
+def _recolour(frames: np.ndarray, old: str, new: str, background: np.ndarray) -> np.ndarray:
+    """Swap the object's colour, anti-aliased rim included: each pixel's coverage is its projection
+    onto the background -> old colour axis."""
+    x = frames.astype(np.float32)
+    axis = np.asarray(COLOURS[old], np.float32) - background
+    coverage = np.clip((x - background) @ axis / (axis @ axis), 0, 1)[..., None]
+    return np.clip(x + coverage * (np.asarray(COLOURS[new], np.float32) - COLOURS[old]), 0, 255).astype(np.uint8)
+
+
+def test_corrupted_videos_score_low(world):
+    _, truth, videos = world
+    rng = np.random.default_rng(0)
+    ids = sorted(videos)[:3]
+    for sample_id in ids:
+        frames, caption = videos[sample_id]
+        frames = frames[::2]  # 12 fps still moves smoothly; halves the time
+        row = truth[truth.sample_id == sample_id].iloc[0]
+
+        shuffled = evaluate_video(frames[rng.permutation(len(frames))], caption)
+        assert shuffled["motion_smoothness"] < 0.8 and not shuffled["motion_ok"], caption
+
+        frozen = evaluate_video(np.repeat(frames[:1], len(frames), axis=0), caption)
+        assert not frozen["moving"] and not frozen["motion_ok"] and frozen["prompt_faithfulness"] >= 0.95
+
+        other = next(c for c in COLOURS if c != row.colour and c != row.background)
+        background = np.asarray(detect_object(frames[0]).background_rgb, np.float32)
+        recoloured = evaluate_video(_recolour(frames, row.colour, other, background), caption)
+        assert recoloured["prompt_faithfulness"] <= 0.05 and recoloured["colour_accuracy"] <= 0.05, caption
+        assert recoloured["temporal_consistency"] >= 0.95 and recoloured["motion_ok"]  # only the colour is wrong
+
+        noise = evaluate_video(rng.integers(0, 256, frames.shape, dtype=np.uint8), caption)
+        assert noise["prompt_faithfulness"] <= 0.05 and noise["frame_quality"] <= 0.1 and not noise["motion_ok"]
+
+        blurred = evaluate_video(np.stack([cv2.GaussianBlur(f, (0, 0), 2.0) for f in frames]), caption)
+        assert blurred["frame_quality"] < 0.5 * evaluate_video(frames, caption)["frame_quality"]
+
+
+def test_a_mismatched_prompt_scores_low(world):
+    _, truth, videos = world
+    items = sorted(videos.items())
+    checked = 0
+    for sid_a, (frames, caption_a) in items:
+        a = parse_prompt(caption_a)
+        for sid_b, (_, caption_b) in items:
+            b = parse_prompt(caption_b)
+            if a.shape != b.shape and a.colour != b.colour:
+                r = evaluate_video(frames[::4], caption_b)
+                assert r["prompt_faithfulness"] <= 0.05, (caption_a, caption_b)
+                assert r["temporal_consistency"] >= 0.95  # the video itself is fine
+                checked += 1
+                break
+    assert checked >= 3
+
+
+def test_every_pixel_layout_gives_the_same_scores(world):
+    _, _, videos = world
+    frames, caption = next(iter(videos.values()))
+    frames = frames[::8]
+    base = evaluate_video(frames, caption)
+    unit = frames.astype(np.float32) / 255
+    as_tensor = torch.from_numpy(unit)
+    for variant in (unit, unit * 2 - 1, as_tensor.permute(0, 3, 1, 2), as_tensor.permute(3, 0, 1, 2)):
+        r = evaluate_video(variant, caption)
+        assert {k: r[k] for k in ("prompt_faithfulness", "temporal_consistency", "moving")} == \
+            {k: base[k] for k in ("prompt_faithfulness", "temporal_consistency", "moving")}
+        assert r["motion_amount"] == pytest.approx(base["motion_amount"], abs=1e-3)
+    assert as_frames(frames).dtype == np.float32
+    with pytest.raises(ValueError, match="a video must be"):
+        as_frames(np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="2 videos but 1 prompts"):
+        evaluate_videos([frames, frames], [caption])
+
+
+def test_background_shift_measures_a_sub_pixel_pan():
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.uniform(0, 255, (64, 64, 3)).astype(np.float32), (0, 0), 2.0)
+    moved = cv2.warpAffine(texture, np.float32([[1, 0, 0.3], [0, 1, -0.2]]), (64, 64), borderMode=cv2.BORDER_REFLECT)
+    exclude = np.zeros((64, 64), bool)
+    dx, dy = background_shift(texture, moved, exclude, EvalConfig())
+    assert dx == pytest.approx(0.3, abs=0.05) and dy == pytest.approx(-0.2, abs=0.05)
+    flat = np.full((64, 64, 3), 128, np.float32)
+    assert background_shift(flat, flat + 1, exclude, EvalConfig()) == (0.0, 0.0)
