@@ -73,6 +73,18 @@ def cmd_data_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_videos(args: argparse.Namespace) -> int:
+    from pipelines.flows.videos import video_data
+
+    sources = [("webvid", str(p)) for p in args.webvid] + [("hdvila", str(p)) for p in args.hdvila]
+    if not sources:
+        raise ConfigError("mav data videos: give at least one --webvid CSV or --hdvila JSONL")
+    video_data(sources=sources, out=str(args.out), preset=args.preset,
+               config=str(args.config) if args.config else None, overrides=args.overrides,
+               overwrite=args.overwrite, rewrite_base=args.rewrite_base)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -120,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, required=True, help="dataset folder (local path or fsspec URL)")
     d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
     d.set_defaults(func=cmd_data_images)
+    d = data_sub.add_parser("videos", help="download WebVid / HD-VILA videos and clips into webdataset shards",
+                            description="Read WebVid-10M CSV and HD-VILA-100M JSONL metadata, download through the "
+                                        "egress policy, cut HD-VILA spans into clips, scale to the configured size, "
+                                        "and write text-free shards, outcomes.parquet and manifest.json into --out. "
+                                        "Captions are dropped: the video side never carries text. Re-running resumes.")
+    _add_config_args(d)
+    d.add_argument("--webvid", nargs="+", type=Path, default=[], metavar="CSV", help="WebVid-style CSV file(s)")
+    d.add_argument("--hdvila", nargs="+", type=Path, default=[], metavar="JSONL", help="HD-VILA-style JSONL file(s)")
+    d.add_argument("--out", type=Path, required=True, help="dataset folder (local path or fsspec URL)")
+    d.add_argument("--rewrite-base", metavar="URL",
+                   help="point every URL at this loopback mirror first (tests, demos: never the real hosts)")
+    d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
+    d.set_defaults(func=cmd_data_videos)
+
+    from pipelines.generate import add_generate_commands
+
+    add_generate_commands(sub, _add_config_args, _load)
 
     p = sub.add_parser("demo", help="the main job end to end on the toy preset",
                        description="Run the whole chain as far as it exists, reusing what is already done.")

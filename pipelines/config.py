@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from model.config import CascadeConfig, ConfigBase, cascade_preset
 from pipelines.images.filters import ImageFilterConfig
@@ -38,11 +38,23 @@ class ImageDataConfig(ConfigBase):
 
 
 class VideoDataConfig(ConfigBase):
-    clip_size: int = Field(64, ge=8, description="frames are decoded at this side")
+    clip_size: int = Field(64, ge=8, description="clips are cut and scaled to this side (even: H.264 yuv420p)")
     samples_per_shard: int = Field(100, ge=1)
     processes: int = Field(2, ge=1)
+    threads: int = Field(4, ge=1, description="downloads in flight per process")
+    retries: int = Field(1, ge=0)
+    distributor: Literal["auto", "local", "multiprocessing", "ray"] = Field(
+        "auto", description="auto: ray when RAY_ADDRESS is set, a process pool for several shards, else in-process")
     fps_min: int = Field(1, ge=1)
     fps_max: int = Field(30, ge=1)
+
+
+    @field_validator("clip_size")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"must be even (H.264 yuv420p), got {v}")
+        return v
 
 
 class DataConfig(ConfigBase):

@@ -13,13 +13,16 @@ cuts bodies at `max_bytes` and requests at `timeout_s`. A cut response ends with
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
+import os
 import select
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 from urllib.parse import urlsplit
 
 from pipelines.safety import Resolver, UrlDecision, UrlPolicy, check_url, system_resolve
@@ -289,3 +292,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     if received > limit:
                         raise Cutoff(f"tunnel exceeds max_bytes {limit}")
                 (upstream if source is client else client).sendall(data)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set variables for the block, and so for processes spawned in it (the downloaders' workers
+    inherit os.environ), then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

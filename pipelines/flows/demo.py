@@ -44,7 +44,7 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
         print(f"toy world served at {server.url}")
         t0 = time.perf_counter()
         images = build_image_dataset([str(root / "world" / "laion.parquet")], str(root / "data" / "images"),
-                                     cfg.data.images, cfg.data.network, as_tasks=True)
+                                     cfg.data.images, cfg.data.network)
         timings["images"] = time.perf_counter() - t0
         results["images"] = {"path": str(root / "data" / "images"), "rows": images["rows"],
                              "counts": images["counts"]}

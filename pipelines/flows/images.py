@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 
 from pipelines.config import ImageDataConfig, load_config
+from pipelines.flows import run_step
 from pipelines.images.download import download_images
 from pipelines.images.filters import filter_metadata, split_kept
 from pipelines.manifest import (OUTCOME_SCHEMA, hash_inputs, join, open_job, shard_entries, write_manifest,
@@ -23,6 +24,7 @@ from pipelines.manifest import (OUTCOME_SCHEMA, hash_inputs, join, open_job, sha
 from pipelines.safety import UrlPolicy
 
 
+@task(name="read-metadata")
 def read_metadata(paths: list[str]) -> pa.Table:
     tables = []
     for path in paths:
@@ -31,6 +33,7 @@ def read_metadata(paths: list[str]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+@task(name="filter-metadata")
 def filter_step(table: pa.Table, cfg: ImageDataConfig, out: str) -> pa.Table:
     filtered = filter_metadata(table, cfg.filters)
     with fsspec.open(join(out, "filtered.parquet"), "wb") as fh:
@@ -38,6 +41,7 @@ def filter_step(table: pa.Table, cfg: ImageDataConfig, out: str) -> pa.Table:
     return filtered
 
 
+@task(name="download-images")
 def download_step(kept: pa.Table, cfg: ImageDataConfig, policy: UrlPolicy, out: str) -> tuple[pa.Table, dict]:
     return download_images(kept, out, image_size=cfg.image_size, samples_per_shard=cfg.samples_per_shard,
                            processes=cfg.processes, threads=cfg.threads, retries=cfg.retries,
@@ -53,21 +57,16 @@ def _shard_samples(out: str) -> dict[str, int]:
     return samples
 
 
-def _step(fn, name: str, as_tasks: bool):
-    """A step as a Prefect task inside a flow run, or the plain function elsewhere."""
-    return task(fn, name=name) if as_tasks else fn
-
-
 def build_image_dataset(metadata: list[str], out: str, cfg: ImageDataConfig, policy: UrlPolicy,
-                        overwrite: bool = False, as_tasks: bool = False) -> dict:
-    """The flow's body: plain functions, or Prefect tasks when `as_tasks` (inside a flow run)."""
+                        overwrite: bool = False) -> dict:
+    """The flow's body: Prefect tasks inside a flow run, plain functions elsewhere (tests, scripts)."""
     settings = {"images": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json")}
     inputs_hash = hash_inputs(metadata)
     open_job(out, kind="images", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
-    table = _step(read_metadata, "read-metadata", as_tasks)(metadata)
-    filtered = _step(filter_step, "filter-metadata", as_tasks)(table, cfg, out)
+    table = run_step(read_metadata, metadata)
+    filtered = run_step(filter_step, table, cfg, out)
     kept, dropped = split_kept(filtered)
-    fetched, egress = _step(download_step, "download-images", as_tasks)(kept, cfg, policy, out)
+    fetched, egress = run_step(download_step, kept, cfg, policy, out)
     filtered_rows = pa.table({
         "row_id": dropped["row_id"], "key": dropped["URL"], "status": dropped["status"],
         "reason": dropped["reason"], "shard": pa.nulls(len(dropped), pa.string()),
@@ -89,7 +88,7 @@ def image_data(metadata: list[str], out: str, preset: str = "toy", config: str |
                overrides: list[str] | None = None, overwrite: bool = False) -> dict:
     """Filter LAION-style metadata and download the kept rows into webdataset shards with a manifest."""
     cfg = load_config(preset, config, overrides or [])
-    manifest = build_image_dataset(metadata, out, cfg.data.images, cfg.data.network, overwrite, as_tasks=True)
+    manifest = build_image_dataset(metadata, out, cfg.data.images, cfg.data.network, overwrite)
     get_run_logger().info("image dataset at %s", out)
     print(f"image dataset {out}: {manifest['rows']} rows\n" + format_counts(manifest["counts"], manifest["rows"]))
     return manifest

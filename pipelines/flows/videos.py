@@ -20,10 +20,11 @@ from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 
 from pipelines.config import VideoDataConfig, load_config
+from pipelines.flows import run_step
 from pipelines.manifest import format_counts, hash_inputs, join, open_job, shard_entries, write_manifest, write_outcomes
 from pipelines.safety import UrlPolicy
 from pipelines.videos.download import download_videos
-from pipelines.videos.readers import read_hdvila, read_webvid
+from pipelines.videos.readers import read_hdvila, read_webvid, rewrite_urls
 
 READERS: dict[str, Callable[[str], pa.Table]] = {"webvid": read_webvid, "hdvila": read_hdvila}
 SOURCE_DOC = "sources: a list of (kind, path) pairs, kind one of webvid, hdvila"
@@ -41,42 +42,45 @@ def check_sources(sources: list[tuple[str, str]] | list[list[str]]) -> list[tupl
 
 
 @task(name="read-video-metadata")
-def read_sources(sources: list[tuple[str, str]]) -> pa.Table:
-    """The readers' rows of every source, in order, with `row_id` (position) and `source`."""
+def read_sources(sources: list[tuple[str, str]], rewrite_base: str | None = None) -> pa.Table:
+    """The readers' rows of every source, in order, with `row_id` (position) and `source`.
+
+    `rewrite_base` points every URL at a loopback mirror (readers.rewrite_urls) before anything is
+    decided or fetched: real metadata, local files, no request to the real hosts.
+    """
     tables = []
     for kind, path in sources:
         table = READERS[kind](path)
         tables.append(table.append_column("source", pa.array([kind] * len(table), pa.string())))
     rows = pa.concat_tables(tables)
+    rows = rewrite_urls(rows, rewrite_base) if rewrite_base else rows
     return rows.append_column("row_id", pa.array(range(len(rows)), pa.int64()))
 
 
-@task(name="download-videos")
+@task(name="download-videos", log_prints=False)  # video2dataset prints a line per failed row: kept out of the logs
 def download_task(rows: pa.Table, cfg: VideoDataConfig, policy: UrlPolicy, out: str,
                   distributor: str) -> tuple[pa.Table, dict, dict[str, int]]:
     return download_videos(rows, out, clip_size=cfg.clip_size, samples_per_shard=cfg.samples_per_shard,
-                           processes=cfg.processes, policy=policy, distributor=distributor)
-
-
-def _step(step: Any, *args: Any) -> Any:
-    """A task inside a flow run; its plain function outside one (a bare task call would start a
-    temporary Prefect server)."""
-    return step(*args) if FlowRunContext.get() is not None else step.fn(*args)
+                           processes=cfg.processes, threads=cfg.threads, retries=cfg.retries, policy=policy,
+                           distributor=distributor)
 
 
 def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoDataConfig, policy: UrlPolicy,
-                        overwrite: bool = False, distributor: str = "auto") -> dict:
-    """The flow's body, callable without Prefect (tests, other flows). Returns the manifest."""
+                        overwrite: bool = False, distributor: str | None = None, rewrite_base: str | None = None) -> dict:
+    """The flow's body, callable without Prefect (tests, other flows). Returns the manifest.
+
+    distributor: auto | local | multiprocessing | ray (see videos.download.resolve_distributor);
+    None takes the config's.
+    """
     sources = check_sources(sources)
-    if cfg.clip_size % 2:
-        raise ValueError(f"videos.clip_size must be even (H.264 yuv420p), got {cfg.clip_size}")
+    distributor = distributor or cfg.distributor
     inputs = [path for _, path in sources]
     settings = {"videos": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json"),
-                "sources": [kind for kind, _ in sources]}
+                "sources": [kind for kind, _ in sources], "rewrite_base": rewrite_base}
     inputs_hash = hash_inputs(inputs)
     open_job(out, kind="videos", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
-    rows = _step(read_sources, sources)
-    outcomes, egress, samples = _step(download_task, rows, cfg, policy, out, distributor)
+    rows = run_step(read_sources, sources, rewrite_base)
+    outcomes, egress, samples = run_step(download_task, rows, cfg, policy, out, distributor)
     fs, root = fsspec.core.url_to_fs(join(out, "shards"))
     shards = shard_entries(fs, root, list(samples), samples)
     for entry in shards:
@@ -92,10 +96,11 @@ def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoData
 
 @flow(name="video-data", log_prints=True)
 def video_data(sources: list[tuple[str, str]], out: str, preset: str = "toy", config: str | None = None,
-               overrides: list[str] | None = None, overwrite: bool = False) -> dict:
+               overrides: list[str] | None = None, overwrite: bool = False, rewrite_base: str | None = None) -> dict:
     """Download WebVid videos and HD-VILA clips into webdataset shards of unlabeled clips with a manifest."""
     cfg = load_config(preset, config, overrides or [])
-    manifest = build_video_dataset(sources, out, cfg.data.videos, cfg.data.network, overwrite)
+    manifest = build_video_dataset(sources, out, cfg.data.videos, cfg.data.network, overwrite,
+                                   rewrite_base=rewrite_base)
     if FlowRunContext.get() is not None:
         get_run_logger().info("video dataset at %s", out)
     print(f"video dataset {out}: {manifest['rows']} rows\n" + format_counts(manifest["counts"], manifest["rows"]))

@@ -13,14 +13,13 @@ import functools
 import io
 import os
 import re
-from typing import Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.egress import EgressProxy
+from pipelines.egress import EgressProxy, environment
 from pipelines.manifest import OUTCOME_SCHEMA, join
 from pipelines.safety import UrlPolicy, check_url, system_resolve
 
@@ -50,21 +49,6 @@ def decide_urls(urls: list[str], policy: UrlPolicy) -> list[str | None]:
     return [None if d.allowed else d.reason for d in (check_url(u, policy, resolve) for u in urls)]
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set variables for the spawned download workers (they inherit os.environ), then restore."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _distributor(name: str) -> str:
     if name == "auto":
         return "ray" if os.environ.get("RAY_ADDRESS") else "multiprocessing"
@@ -82,7 +66,7 @@ def run_img2dataset(url_list: str, shards: str, *, image_size: int, samples_per_
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
                  runtime_env={"env_vars": proxy_env})
     quiet = io.StringIO()
-    with _environment(proxy_env), contextlib.redirect_stdout(quiet):
+    with environment(proxy_env), contextlib.redirect_stdout(quiet):
         img2dataset.download(
             url_list=url_list, input_format="parquet", url_col="URL", caption_col="TEXT",
             save_additional_columns=["row_id"], output_format="webdataset", output_folder=shards,

@@ -1,0 +1,139 @@
+"""The cascade sampler on the tiny preset with random weights: frame and size arithmetic per stage,
+seeds, stop_at, the known frames of interpolation and animation, variation's condition, guidance."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, stage_network, stage_seed,
+                           stages_needed, super_resolve_high, text_to_video, to_base, vary_video, video_embedding)
+from model.config import cascade_preset
+from model.frames import spread_indices
+
+PROMPT = ["a red circle on a blue background"]
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    torch.manual_seed(0)
+    return build_cascade(cascade_preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def full(cascade):
+    return text_to_video(cascade, PROMPT, fps=8, seed=3, progress=False)
+
+
+def test_sizes_and_frames_follow_the_config(full):
+    # tiny: 4 frames at 16 px -> (4-1)*2+1 = 7 frames -> 32 px -> 64 px
+    shapes = {stage: tuple(full[stage].shape) for stage in STAGE_ORDER}
+    assert shapes == {"prior": (1, 32), "temporal": (1, 3, 4, 16, 16), "interpolation": (1, 3, 7, 16, 16),
+                      "sr_low": (1, 3, 7, 32, 32), "sr_high": (1, 3, 7, 64, 64)}
+    for stage in STAGE_ORDER[1:]:
+        assert full[stage].min() >= -1 and full[stage].max() <= 1
+    assert torch.allclose(full["prior"].norm(dim=-1), torch.ones(1))
+    assert full.fps == {"temporal": 8.0, "interpolation": 16.0, "sr_low": 16.0, "sr_high": 16.0}
+    assert set(full.timings_s) == set(STAGE_ORDER) and full.last_stage == "sr_high"
+
+
+def test_same_seed_same_video_other_seed_another(cascade, full):
+    again = text_to_video(cascade, PROMPT, fps=8, seed=3, progress=False)
+    for stage in STAGE_ORDER:
+        assert torch.equal(again[stage], full[stage]), stage
+    other = text_to_video(cascade, PROMPT, fps=8, seed=4, stop_at="temporal", progress=False)
+    assert not torch.equal(other["temporal"], full["temporal"])
+
+
+def test_stop_at_runs_a_prefix_with_the_same_results(cascade, full):
+    out = text_to_video(cascade, PROMPT, fps=8, seed=3, stop_at="interpolation", progress=False)
+    assert list(out.outputs) == ["prior", "temporal", "interpolation"]
+    assert torch.equal(out["interpolation"], full["interpolation"])  # per-stage seeds: a prefix is the same run
+    assert list(text_to_video(cascade, PROMPT, 8, 3, stop_at="prior", progress=False).outputs) == ["prior"]
+    with pytest.raises(ValueError, match="stop_at"):
+        text_to_video(cascade, PROMPT, 8, 3, stop_at="decoder", progress=False)
+
+
+def test_interpolation_holds_the_base_frames_exactly(full):
+    assert torch.equal(full["interpolation"][:, :, ::2], full["temporal"])  # frame skip 2
+    assert not torch.equal(full["interpolation"][:, :, 1], full["interpolation"][:, :, 0])
+
+
+def test_two_images_stay_first_and_last_at_any_length(cascade):
+    torch.manual_seed(1)
+    a, b = torch.rand(1, 3, 24, 24) * 2 - 1, torch.rand(1, 3, 24, 24) * 2 - 1
+    out = interpolate_images(cascade, a, b, fps=4, seed=0, stop_at="interpolation", target_frames=10, progress=False)
+    base, video = out["temporal"], out["interpolation"]
+    assert base.shape[2] == 4 and video.shape[2] == 10
+    assert torch.equal(base[:, :, 0], to_base(cascade, a)) and torch.equal(base[:, :, -1], to_base(cascade, b))
+    assert torch.equal(video[:, :, spread_indices(4, 10)], base)
+    assert out.fps["interpolation"] == pytest.approx(4 * 9 / 3)
+
+
+def test_animation_keeps_the_image_as_frame_zero(cascade):
+    torch.manual_seed(2)
+    image = torch.rand(2, 3, 40, 40) * 2 - 1
+    out = animate_image(cascade, image, fps=8, seed=5, stop_at="temporal", progress=False)
+    base = out["temporal"]  # (2, 3, 4, 16, 16), before any SR
+    assert torch.allclose(base[:, :, 0], to_base(cascade, image), atol=1e-6)
+    assert (base[:, :, 1:] - base[:, :, :1]).abs().max() > 1e-3  # the other frames are generated
+    assert torch.allclose(out["prior"][0], video_embedding(cascade, image[:1, :, None])[0], atol=1e-5)
+
+
+def test_vary_conditions_on_the_mean_embedding_and_skips_the_prior(cascade):
+    torch.manual_seed(3)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    seen, prior_calls = [], []
+    hooks = [cascade.net("temporal").register_forward_pre_hook(lambda m, a, kw: seen.append(kw["cond_emb"]),
+                                                               with_kwargs=True),
+             cascade.net("prior").register_forward_pre_hook(lambda m, a: prior_calls.append(1))]
+    try:
+        out = vary_video(cascade, video, fps=8, seed=0, stop_at="temporal", progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    frames = torch.stack([video_embedding(cascade, video[:, :, i:i + 1])[0] for i in range(5)])  # (5, D)
+    mean = torch.nn.functional.normalize(frames.mean(0), dim=-1)
+    assert torch.allclose(out["prior"][0], mean, atol=1e-5)
+    assert not prior_calls and len(seen) == cascade.cfg.temporal.sampler.steps
+    assert all(torch.allclose(c[0], mean, atol=1e-5) for c in seen)
+    assert out.seeds.keys() == {"temporal"}  # the embedding is computed, not sampled
+
+
+def test_guidance_runs_every_stage_with_both_branches(cascade, full):
+    cfg = cascade.cfg.model_copy(deep=True)
+    for stage in STAGE_ORDER:
+        getattr(cfg, stage).sampler.guidance_scale = 2.0
+    guided = text_to_video(dataclasses.replace(cascade, cfg=cfg), PROMPT, fps=8, seed=3, progress=False)
+    assert guided["sr_high"].shape == full["sr_high"].shape
+    assert not torch.equal(guided["temporal"], full["temporal"])
+    assert torch.equal(guided["interpolation"][:, :, ::2], guided["temporal"])  # known frames held under CFG too
+
+
+def test_sr_high_chunking_does_not_change_the_result(cascade):
+    torch.manual_seed(4)
+    low = torch.rand(1, 3, 3, 32, 32) * 2 - 1
+    emb = torch.nn.functional.normalize(torch.randn(1, 32), dim=-1)
+    outs = [super_resolve_high(dataclasses.replace(cascade, sr_high_chunk=chunk), low, emb,
+                               torch.Generator().manual_seed(0)) for chunk in (1, 8)]
+    assert outs[0].shape == (1, 3, 3, 64, 64)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_stages_needed_per_use():
+    assert stages_needed("text") == ("prior", "temporal", "interpolation", "sr_low", "sr_high")
+    assert stages_needed("text", "temporal") == ("prior", "temporal")
+    assert stages_needed("animate", "temporal") == ("interpolation",)
+    assert stages_needed("vary", "prior") == ()
+    assert stages_needed("vary", "sr_low") == ("temporal", "interpolation", "sr_low")
+    assert stage_network("interpolate", "temporal") == "interpolation" and stage_network("vary", "prior") == "clip"
+    with pytest.raises(ValueError, match="use"):
+        stages_needed("edit")
+
+
+def test_stage_seeds_are_stable_and_distinct():
+    seeds = {stage_seed(7, s) for s in STAGE_ORDER}
+    assert len(seeds) == len(STAGE_ORDER) and stage_seed(7, "prior") == stage_seed(7, "prior")
+    assert stage_seed(7, "prior") != stage_seed(8, "prior")
+    assert stage_seed(0, "prior") == 5808915875746014367  # fixed across processes and Python versions
