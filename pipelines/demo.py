@@ -21,5 +21,8 @@ def run_demo(cfg: PipelineConfig, out: Path) -> int:
     written = images["counts"].get("written", 0)
     print(f"  image shards    {images['path']}  ({written} of {images['rows']} rows written; "
           f"the rest filtered or failed with a recorded reason: outcomes.parquet, manifest.json)")
+    videos = results["videos"]
+    print(f"  video shards    {videos['path']}  ({videos['counts'].get('written', 0)} of {videos['rows']} "
+          f"videos/clips written, no text in any sample)")
     print(f"  timings (s)     {results['timings_s']}")
     return 0

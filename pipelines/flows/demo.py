@@ -13,6 +13,7 @@ from prefect import flow
 
 from pipelines.config import PipelineConfig, dump_config
 from pipelines.flows.images import build_image_dataset
+from pipelines.flows.videos import build_video_dataset
 from pipelines.manifest import format_counts
 from pipelines.world import WorldConfig, generate_world, serve_world
 
@@ -49,6 +50,14 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
         results["images"] = {"path": str(root / "data" / "images"), "rows": images["rows"],
                              "counts": images["counts"]}
         print(f"image dataset: {root / 'data' / 'images'}\n" + format_counts(images["counts"], images["rows"]))
+        t0 = time.perf_counter()
+        world = root / "world"
+        videos = build_video_dataset([("webvid", str(world / "webvid.csv")), ("hdvila", str(world / "hdvila.jsonl"))],
+                                     str(root / "data" / "videos"), cfg.data.videos, cfg.data.network)
+        timings["videos"] = time.perf_counter() - t0
+        results["videos"] = {"path": str(root / "data" / "videos"), "rows": videos["rows"],
+                             "counts": videos["counts"]}
+        print(f"video dataset: {root / 'data' / 'videos'}\n" + format_counts(videos["counts"], videos["rows"]))
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     (root / "summary.json").write_text(json.dumps(results, indent=2))
     return results
