@@ -52,10 +52,24 @@ def _rows(name: str, data: dict) -> list[str]:
                 f"{f['cpu_s_per_image']} |",
                 f"| ratio flow/bare | {data['flow_over_bare_throughput']:.2f}x throughput | "
                 f"{data['flow_over_bare_cpu_per_image']:.2f}x CPU per image |"]
+    if name == "train":
+        r, p = data["ray_train"], data["plain_pytorch"]
+        return [f"| plain PyTorch loop | {p['samples_per_s']} |", f"| Ray Train (TorchTrainer) | {r['samples_per_s']} |",
+                f"| ratio Ray/plain ({data['workers']} worker, {data['steps']} steps, batch {data['global_batch']}) | "
+                f"{data['ray_over_plain_samples_per_s']:.3f} |"]
+    if name == "sampling":
+        rows = []
+        for preset, p in data.get("presets", {}).items():
+            for stage, st in p.get("stages", {}).items():
+                rows.append(f"| {preset} | {stage} | {st['steps']} | {st['seconds']:.2f} | {st['peak_mem_mb']} | "
+                            f"{'x'.join(str(n) for n in st['output_shape'])} |")
+        return rows
     return [f"| {k} | {json.dumps(v)[:120]} |" for k, v in data.items() if not isinstance(v, (list, dict))]
 
 
 HEADERS = {
+    "train": "| run | samples/s |\n|---|---:|",
+    "sampling": "| preset | stage | steps | seconds | peak memory (MB) | output shape |\n|---|---|---:|---:|---:|---|",
     "images": "| run | images/s | CPU-s per image |\n|---|---:|---:|",
     "pseudo3d": "| layer (paper decoder size, 16 frames) | FLOPs full/factorised | CPU time full/factorised |\n|---|---:|---:|",
     "decode": "| target fps | decord frames/s | PyAV frames/s | decord/PyAV |\n|---|---:|---:|---:|",
