@@ -85,6 +85,12 @@ def cmd_data_videos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_runner(*args, **kwargs):
+    from pipelines.flows.train import train_cascade
+
+    return train_cascade(*args, **kwargs)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -147,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data_videos)
 
     from pipelines.generate import add_generate_commands
+    from training.jobs import add_train_commands
 
+    add_train_commands(sub, _load, _add_config_args, runner=_train_runner)
     add_generate_commands(sub, _add_config_args, _load)
 
     p = sub.add_parser("demo", help="the main job end to end on the toy preset",

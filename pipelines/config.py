@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from model.config import CascadeConfig, ConfigBase, cascade_preset
-from pipelines.images.filters import ImageFilterConfig
+from pipelines.images.filters import ImageFilterConfig, PixelFilterConfig
 from pipelines.safety import UrlPolicy
 from pipelines.world.config import WorldConfig, world_preset
 from training.config import TrainConfig, train_preset
@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 
 class ImageDataConfig(ConfigBase):
     filters: ImageFilterConfig = ImageFilterConfig()
+    pixel_filters: PixelFilterConfig = Field(
+        PixelFilterConfig(), description="NSFW/watermark heads on CLIP embeddings; on when weights are set")
     image_size: int = Field(64, ge=8, description="img2dataset resizes (center crop) to this side")
     samples_per_shard: int = Field(1000, ge=1)
     processes: int = Field(2, ge=1)

@@ -203,3 +203,24 @@ def reason_counts(table: pa.Table) -> dict[str, int]:
     counts = {row["values"]: row["counts"] for row in pc.value_counts(outcome).to_pylist()}
     order = [KEPT, *REASONS]
     return {name: counts[name] for name in sorted(counts, key=lambda n: order.index(n) if n in order else len(order))}
+
+
+class PixelFilterConfig(ConfigBase):
+    """Which heads run and where samples are cut. A head without weights is off."""
+
+    nsfw_weights: str | None = Field(None, description="local safetensors/.pt file of the NSFW head")
+    watermark_weights: str | None = Field(None, description="local safetensors/.pt file of the watermark head")
+    nsfw_max: float = Field(0.5, ge=0.0, le=1.0, description="samples scoring above are not kept")
+    watermark_max: float = Field(0.5, ge=0.0, le=1.0, description="samples scoring above are not kept")
+
+    @property
+    def enabled(self) -> bool:
+        return self.nsfw_weights is not None or self.watermark_weights is not None
+
+    def weights(self) -> dict[str, str]:
+        """{head name: weights path} of the configured heads."""
+        paths = {"nsfw": self.nsfw_weights, "watermark": self.watermark_weights}
+        return {name: path for name, path in paths.items() if path is not None}
+
+    def threshold(self, head: str) -> float:
+        return {"nsfw": self.nsfw_max, "watermark": self.watermark_max}[head]

@@ -1,0 +1,46 @@
+"""Training the cascade as a Prefect flow: the stage jobs of training/ in order, with the pipeline's
+CLIP embedding step where it belongs (after the clip stage, before the stages that read embeddings)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from pipelines.config import PipelineConfig, load_config
+from pipelines.embed import embed_image_dataset
+from training.jobs import StageResult, stages_for, train_all
+
+
+def train_cascade(stages: list[str], cfg: PipelineConfig, images: str | None = None, videos: str | None = None,
+                  run_root: str = "runs", *, force: bool = False, tracking_uri: str | None = None,
+                  parent_run_id: str | None = None, **_: Any) -> dict[str, StageResult]:
+    """Train `stages` (or ["all"]) and embed the image shards with the CLIP they end up using."""
+    clip = cfg.cascade.clip
+    filters = cfg.data.images.pixel_filters
+
+    def embed(weights: str | None) -> None:
+        if images is not None:
+            embed_image_dataset(images, clip, weights, filters=filters if filters.enabled else None)
+
+    order = stages_for(stages, cfg.cascade)
+    if "clip" not in order and clip.weights_path is not None:
+        embed(None)  # pretrained CLIP: embeddings first, from clip.weights_path
+
+    def after(stage: str, result: StageResult) -> None:
+        if stage == "clip":
+            embed(str(result.weights_path))
+
+    return train_all(order, cfg, images=images, videos=videos, run_root=run_root, tracking_uri=tracking_uri,
+                     parent_run_id=parent_run_id, force=force, after_stage=after)
+
+
+@flow(name="train-cascade", log_prints=True)
+def train_cascade_flow(images: str, videos: str, out: str = "runs/train", preset: str = "toy",
+                       stages: list[str] | None = None, config: str | None = None,
+                       overrides: list[str] | None = None, force: bool = False) -> dict[str, dict]:
+    """Train the cascade's stages in order on Ray Train, tracked and registered in MLflow."""
+    cfg = load_config(preset, config, overrides or [])
+    results = train_cascade(stages or ["all"], cfg, images, videos, str(Path(out)), force=force)
+    return {stage: {"weights": str(r.weights_path), "version": r.version, "run_id": r.run_id, "steps": r.steps}
+            for stage, r in results.items()}

@@ -1,0 +1,349 @@
+"""Staged training on Ray Train, tracked in MLflow: every stage for real on tiny shards built here.
+
+Real Ray Train (the session's local cluster), a real MLflow sqlite store, the tiny preset on CPU.
+One module-scoped chain trains every stage in order (clip -> embeddings -> prior, decoder -> temporal ->
+interpolation, sr_low, sr_high), with the decoder on 2 workers (gloo DDP) and a worker killed in the prior
+stage (MAV_FAIL_AT_STEP); the tests read its MLflow store and registry. Ray jobs cost seconds each of
+process start-up on a small machine, so the chain is the only place they run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from model.clip import build_clip, encode_images, encode_text
+from model.config import cascade_preset
+from model.networks import build_network
+from training.config import train_preset
+
+pytestmark = pytest.mark.slow
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square")
+FFMPEG = "/usr/bin/ffmpeg"
+
+
+# --- tiny datasets in the real formats ------------------------------------------------------------------
+
+def shape_image(colour: str, shape: str, background: str, size: int) -> tuple[bytes, str]:
+    img = Image.new("RGB", (size, size), COLOURS[background])
+    draw, box = ImageDraw.Draw(img), (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue(), f"a {colour} {shape} on a {background} background"
+
+
+def write_manifest(root: Path, kind: str, shards: list[tuple[str, int]]) -> None:
+    manifest = {"kind": kind, "format": 1, "inputs_hash": f"test-{kind}", "rows": sum(n for _, n in shards),
+                "counts": {"written": sum(n for _, n in shards)},
+                "shards": [{"name": name, "samples": n} for name, n in shards]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def image_dataset(root: Path, size: int, shards: int = 2, per_shard: int = 8) -> Path:
+    """img2dataset's layout: shards/NNNNN.tar with KEY.jpg, KEY.txt, KEY.json."""
+    (root / "shards").mkdir(parents=True)
+    colours, written = list(COLOURS), []
+    for s in range(shards):
+        name = f"shards/{s:05d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for i in range(per_shard):
+                n = s * per_shard + i
+                jpg, caption = shape_image(colours[n % 4], SHAPES[n // 4 % 2], colours[(n + 1 + n // 8) % 4], size)
+                key = f"{s:05d}{i:04d}"
+                sink.write({"__key__": key, "jpg": jpg, "txt": caption,
+                            "json": json.dumps({"key": key, "caption": caption}).encode()})
+        written.append((name, per_shard))
+    write_manifest(root, "images", written)
+    return root
+
+
+def write_embeddings(root: Path, clip: torch.nn.Module, tokenizer) -> None:
+    """What pipelines/embed.py writes: embeddings/NNNNN.parquet (key, image_emb, text_emb) + embeddings.json."""
+    (root / "embeddings").mkdir(exist_ok=True)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        samples = list(wds.WebDataset(str(root / shard["name"]), shardshuffle=False, empty_check=False))
+        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).copy())
+                              .permute(2, 0, 1) for s in samples])
+        with torch.no_grad():
+            image = encode_images(clip, pixels).numpy()
+            text = encode_text(clip, tokenizer, [s["txt"].decode() for s in samples]).numpy()
+        dim = image.shape[1]
+        table = pa.table({"key": [s["__key__"] for s in samples],
+                          "image_emb": pa.FixedSizeListArray.from_arrays(pa.array(image.reshape(-1)), dim),
+                          "text_emb": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1)), dim)})
+        pq.write_table(table, root / "embeddings" / (Path(shard["name"]).stem + ".parquet"))
+    (root / "embeddings" / "embeddings.json").write_text(json.dumps({"clip": {"model_name": "test"}, "dim": dim}))
+
+
+def video_dataset(root: Path, size: int, shards: int = 2, per_shard: int = 4) -> Path:
+    """shards/NNNNN.tar with KEY.mp4 only (the video side has no text)."""
+    (root / "shards").mkdir(parents=True)
+    sources = ["testsrc", "testsrc2", "rgbtestsrc", "smptebars"]
+    written = []
+    for s in range(shards):
+        name = f"shards/{s:05d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for i in range(per_shard):
+                src, out = f"{sources[i % 4]}=size={size}x{size}:rate=12", root / "clip.mp4"
+                subprocess.run([FFMPEG, "-y", "-loglevel", "error", "-f", "lavfi", "-i", src, "-ss", str(0.25 * s),
+                                "-t", "2", "-c:v", "libx264", "-g", "4", "-pix_fmt", "yuv420p", str(out)], check=True)
+                sink.write({"__key__": f"{s:05d}{i:04d}", "mp4": out.read_bytes()})
+                out.unlink()
+        written.append((name, per_shard))
+    write_manifest(root, "videos", written)
+    return root
+
+
+# --- the chain: every stage once, in order, on Ray Train with a real MLflow store -----------------------
+
+CHAOS_STAGE, CHAOS_STEP, CHAOS_STEPS = "prior", 4, 6
+
+
+def tiny_config() -> SimpleNamespace:
+    """The tiny preset; the decoder on 2 Ray workers (gloo DDP); the chaos stage runs long enough to fail
+    after a logged step that no checkpoint holds."""
+    train = train_preset("tiny")
+    updates = {CHAOS_STAGE: getattr(train, CHAOS_STAGE).model_copy(update={"steps": CHAOS_STEPS}),
+               "decoder": train.decoder.model_copy(update={"num_workers": 2})}
+    return SimpleNamespace(cascade=cascade_preset("tiny"), train=train.model_copy(update=updates))
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def chain(ray_session, tmp_path_factory):
+    from training.jobs import train_all
+    from training.loop import CHAOS_ENV
+    from training.registry import load_stage_weights
+    from training.tracking import default_tracking_uri
+
+    root = tmp_path_factory.mktemp("training")
+    cfg = tiny_config()
+    shape = cfg.cascade.shape
+    images = image_dataset(root / "images", shape.sr_high_size)
+    videos = video_dataset(root / "videos", shape.sr_low_size)
+    run_root = root / "run"
+    uri = default_tracking_uri(str(run_root))
+    results = train_all(["clip"], cfg, images=str(images), run_root=str(run_root))
+    # What the embed flow does after the clip stage: embeddings beside the shards, from the trained CLIP.
+    clip, _, tokenizer = build_clip(cfg.cascade.clip)
+    clip.load_state_dict(load_stage_weights("clip", "mlflow", uri)[0])
+    write_embeddings(images, clip, tokenizer)
+    os.environ[CHAOS_ENV] = str(CHAOS_STEP)  # the chaos knob, for the chaos stage only
+    try:
+        results.update(train_all([CHAOS_STAGE], cfg, images=str(images), run_root=str(run_root)))
+    finally:
+        os.environ.pop(CHAOS_ENV)
+    rest = ["sr_high", "interpolation", "temporal", "decoder", "sr_low"]  # train_all puts them in order
+    results.update(train_all(rest, cfg, images=str(images), videos=str(videos), run_root=str(run_root)))
+    return SimpleNamespace(cfg=cfg, images=images, videos=videos, run_root=run_root, uri=uri, results=results)
+
+
+def stage_job(chain, name: str):
+    """The job the driver hands the workers for `name` (its upstream weights come from the registry)."""
+    from training.loop import Job
+    from training.stages import requires, stage_spec
+
+    data = chain.images if stage_spec(name).data == "images" else chain.videos
+    return Job(stage=name, cascade=chain.cfg.cascade, train=chain.cfg.train.stage(name), data=str(data),
+               run_root=str(chain.run_root), tracking_uri=chain.uri,
+               sources={dep: "mlflow" for dep in requires(name, chain.cfg.cascade)})
+
+
+def first_batch(job, stage) -> dict[str, torch.Tensor]:
+    from training.data import stage_batches
+    from training.loop import tokenizer_for
+
+    return next(stage_batches(job.data, stage.spec.view(job.cascade), global_batch=job.train.batch_size, rank=0,
+                              world=1, seed=job.train.seed, total_steps=job.train.steps,
+                              tokenizer=tokenizer_for(stage)))
+
+
+def fixed_batch_loss(chain, name: str, trained: bool) -> float:
+    """The stage's loss on its first batch, with the worker's initial weights or the registered ones."""
+    from training.registry import load_stage_weights
+    from training.stages import SampleRng, build_stage, weights_module
+
+    job = stage_job(chain, name)
+    torch.manual_seed(job.train.seed)  # as the worker does: the same initial weights
+    stage, module = build_stage(name, job.cascade, job.load)
+    if trained:
+        weights_module(module).load_state_dict(load_stage_weights(name, "mlflow", chain.uri)[0])
+    batch = first_batch(job, stage)
+    with torch.no_grad():
+        return float(stage.loss(module, batch, SampleRng(batch["seed"])))
+
+
+STAGE_NAMES = ("clip", "prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high")
+
+
+def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
+    mlflow = client(chain.uri)
+    assert list(chain.results) == ["clip", "prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high"]
+    for name in STAGE_NAMES:
+        result = chain.results[name]
+        run = mlflow.get_run(result.run_id)
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        assert "mlflow.parentRunId" in run.data.tags
+        params = run.data.params
+        assert params["stage"] == name and int(params["train.steps"]) == result.steps
+        assert params["cascade.shape.frames"] == str(chain.cfg.cascade.shape.frames)
+        steps = [m.step for m in mlflow.get_metric_history(result.run_id, "loss")]
+        assert steps == list(range(1, result.steps + 1)), name
+        assert {"lr", "samples_per_s"} <= set(run.data.metrics)
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        kind = "videos" if name in ("temporal", "interpolation", "sr_low") else "images"
+        assert dataset.digest == f"test-{kind}"
+        current = mlflow.get_model_version_by_alias(f"mav-{name}", "current")
+        assert int(current.version) == result.version and current.run_id == result.run_id
+        assert Path(result.weights_path).is_file()
+    previews = [a.path for a in mlflow.list_artifacts(chain.results["temporal"].run_id, "samples")]
+    assert previews == ["samples/step_0000004.gif"]
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_training_lowers_the_loss_on_a_fixed_batch(chain, name: str) -> None:
+    before, after = fixed_batch_loss(chain, name, False), fixed_batch_loss(chain, name, True)
+    assert after < before, f"{name}: {before:.4f} -> {after:.4f}"
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(chain) -> None:
+    """MAV_FAIL_AT_STEP=4 with checkpoints every 2 steps: step 3 was logged, then the worker died; the
+    restart resumes at the step-2 checkpoint (not 0), replays step 3 without logging it twice, finishes."""
+    result = chain.results[CHAOS_STAGE]
+    assert (chain.run_root / CHAOS_STAGE / f".chaos-{CHAOS_STEP}").is_file()  # the failure did happen
+    assert result.steps == CHAOS_STEPS
+    mlflow = client(chain.uri)
+    steps = [m.step for m in mlflow.get_metric_history(result.run_id, "loss")]
+    assert steps == list(range(1, CHAOS_STEPS + 1))  # every step once: none lost, none twice
+    every = chain.cfg.train.stage(CHAOS_STAGE).checkpoint_every
+    resumed = [(m.step, m.value) for m in mlflow.get_metric_history(result.run_id, "resumed_at_step")]
+    last_checkpoint = (CHAOS_STEP - 1) // every * every
+    assert resumed == [(last_checkpoint, float(last_checkpoint))]
+    state = json.loads(next((chain.run_root / "ray" / CHAOS_STAGE).glob("checkpoint_*/state.json")).read_text())
+    assert state["mlflow_run_id"] == result.run_id
+
+
+def test_temporal_starts_as_the_registered_decoder_frame_by_frame(chain) -> None:
+    """Identity init through the real path: decoder saved -> registered -> loaded -> inflated."""
+    from training.registry import load_stage_weights
+    from training.stages import build_stage
+
+    job = stage_job(chain, "temporal")
+    stage, temporal = build_stage("temporal", job.cascade, job.load)  # what the temporal workers build
+    state, meta = load_stage_weights("decoder", "mlflow", chain.uri)
+    assert meta["config"]["stage"] == "decoder"
+    decoder = build_network("decoder", job.cascade)
+    decoder.load_state_dict(state)
+    batch = first_batch(job, stage)
+    video = batch["video"]  # (B, C, F, H, W), distinct frames
+    t = torch.tensor([10, 500, 900, 999])[: video.shape[0]]
+    cond = stage.video_embedding(video)
+    with torch.no_grad():
+        out = temporal(video, t, cond_emb=cond, fps=batch["fps"])
+        frames = torch.stack([decoder(video[:, :, f], t, cond_emb=cond) for f in range(video.shape[2])], dim=2)
+    torch.testing.assert_close(out, frames, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(frames[:, :, 0], frames[:, :, 1])
+
+
+def test_two_ray_workers_give_the_loss_curve_of_one_worker(chain, tmp_path) -> None:
+    """The chain's decoder ran on 2 Ray workers (gloo DDP, 2 samples each of a global batch of 4); the same
+    loop as one worker with the whole batch of 4 logs the same losses, step by step."""
+    from training.jobs import job_config, run_local
+    from training.tracking import MlflowTracker, default_tracking_uri
+
+    ddp_run = client(chain.uri).get_run(chain.results["decoder"].run_id)
+    assert ddp_run.data.params["train.num_workers"] == "2"
+    uri = default_tracking_uri(str(tmp_path))
+    run_id = MlflowTracker(uri, "reference").start("decoder-one-worker")
+    train = chain.cfg.train
+    one = train.model_copy(update={"decoder": train.decoder.model_copy(update={"num_workers": 1})})
+    config = job_config("decoder", SimpleNamespace(cascade=chain.cfg.cascade, train=one), str(chain.images),
+                        str(tmp_path), tracking_uri=uri, experiment="reference", run_id=run_id)
+    run_local(config, tmp_path / "checkpoints")
+    single = [m.value for m in client(uri).get_metric_history(run_id, "loss")]
+    ddp = [m.value for m in client(chain.uri).get_metric_history(ddp_run.info.run_id, "loss")]
+    assert len(single) == len(ddp) == train.decoder.steps
+    np.testing.assert_allclose(ddp, single, rtol=1e-4)
+
+
+# --- without Ray: the data split, the boundaries, the command ---------------------------------------------
+
+def test_workers_split_the_global_batch_exactly(tmp_path) -> None:
+    """Two workers' batches together are the one-worker batch, sample for sample, at every step, also
+    after resuming at a later step; 'shards' gives each worker its own shards."""
+    from training.data import stage_batches
+    from training.stages import ImageView
+
+    images = image_dataset(tmp_path / "images", 16, shards=2, per_shard=6)
+    view = ImageView(16, embeddings=False, tokens=False)
+
+    def batches(rank: int, world: int, start: int = 0, split: str = "samples", n: int = 4) -> list[dict]:
+        it = stage_batches(str(images), view, global_batch=4, rank=rank, world=world, seed=3, total_steps=8,
+                           start_step=start, split=split)
+        return [next(it) for _ in range(n)]
+
+    one, (r0, r1) = batches(0, 1), (batches(0, 2), batches(1, 2))
+    for step, whole in enumerate(one):  # 12 samples, batch 4: step 3 starts the second epoch
+        merged = {k: torch.stack([r0[step][k], r1[step][k]], 1).flatten(0, 1) for k in whole}
+        assert torch.equal(merged["seed"], whole["seed"]) and torch.equal(merged["image"], whole["image"])
+    assert len(set(torch.cat([b["seed"] for b in one]).tolist())) == 16  # distinct seeds across epochs
+    assert torch.equal(batches(0, 1, start=2, n=1)[0]["seed"], one[2]["seed"])
+    own = [batches(r, 2, split="shards", n=1)[0]["seed"] for r in (0, 1)]
+    assert not set(own[0].tolist()) & set(own[1].tolist())
+    with pytest.raises(ValueError, match="does not split over 3 workers"):
+        batches(0, 3)
+
+
+def test_a_stage_fails_early_with_a_clear_message(tmp_path) -> None:
+    from training.jobs import run_stage
+
+    cfg = tiny_config()
+    images = image_dataset(tmp_path / "images", 16, shards=1, per_shard=4)
+    with pytest.raises(ValueError, match="reads videos"):
+        run_stage("temporal", cfg, images=str(images), run_root=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="holds a 'images' dataset"):
+        run_stage("temporal", cfg, videos=str(images), run_root=str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="run the embed flow"):
+        run_stage("decoder", cfg, images=str(images), run_root=str(tmp_path / "run"))
+    videos = video_dataset(tmp_path / "videos", 16, shards=1, per_shard=1)
+    with pytest.raises(LookupError, match="mav-decoder"):  # temporal starts from the registered decoder
+        run_stage("temporal", cfg, videos=str(videos), run_root=str(tmp_path / "run"))
+
+
+def test_train_command_and_stage_order() -> None:
+    import argparse
+
+    from training.config import STAGES
+    from training.jobs import add_train_commands, stages_for
+
+    parser = argparse.ArgumentParser(prog="mav")
+    add_train_commands(parser.add_subparsers(dest="command"), load_config=lambda args: tiny_config())
+    args = parser.parse_args(["train", "all", "--preset", "tiny", "--images", "i", "--out", "r", "--force"])
+    assert (args.stage, args.preset, args.images, args.videos, args.out, args.force) == ("all", "tiny", "i", None,
+                                                                                         "r", True)
+    cascade = cascade_preset("tiny")
+    assert stages_for(["all"], cascade) == list(STAGES)
+    pretrained = cascade.model_copy(update={"clip": cascade.clip.model_copy(update={"weights_path": "c.pt"})})
+    assert stages_for(["all"], pretrained) == [s for s in STAGES if s != "clip"]
+    assert stages_for(["sr_high", "prior", "temporal"], cascade) == ["prior", "temporal", "sr_high"]
+    with pytest.raises(ValueError, match="unknown stages"):
+        stages_for(["decoderr"], cascade)

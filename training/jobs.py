@@ -1,0 +1,303 @@
+"""Stage jobs: each stage of the cascade is one Ray Train job (TorchTrainer), tracked in MLflow.
+
+`run_stage` trains one stage and registers its weights; `train_all` runs stages in the cascade's order
+(clip -> prior, decoder -> temporal -> interpolation, sr_low, sr_high) under one parent MLflow run.
+
+Run folder (`run_root`):
+  ray/<stage>/            Ray Train's storage for the run named <stage>: checkpoints (2 kept) and the
+                          run snapshot. Ray Train 2.60 (its V2 API, the default) resumes a run whose
+                          RunConfig(name, storage_path) already holds a snapshot from its latest
+                          checkpoint; its old `TorchTrainer.restore/can_restore` and
+                          `resume_from_checkpoint` are deprecated and raise. So re-running a stage that
+                          stopped part-way (crash, Ctrl-C) continues from its last checkpoint.
+  <stage>/run.json        the stage's MLflow run id, reused when the stage is resumed
+  <stage>/<stage>.safetensors  final EMA weights with the resolved config as metadata (registered)
+  <stage>/result.json     written after registration: the stage is done; re-runs skip it unless force
+  mlflow.db, mlartifacts/ the embedded MLflow store (when no tracking URI is configured)
+
+The driver opens each stage's MLflow run and hands its id to the workers; rank 0 reopens it to log.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import fsspec
+
+from model.checkpoint import load_weights, save_weights
+from model.config import CascadeConfig
+from training.config import STAGES, StageTrainConfig, TrainConfig
+from training.data import embeddings_path, read_manifest, shard_urls
+from training.loop import CHAOS_ENV, Job, run, train_loop_per_worker
+from training.stages import ImageView, requires, stage_spec
+from training.tracking import MlflowTracker, default_tracking_uri, pipeline_parent_run
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    weights_path: str
+    run_id: str
+    version: int
+    steps: int
+
+
+def _configs(cfg: Any) -> tuple[CascadeConfig, TrainConfig]:
+    """The two config parts a stage needs, from any object with `.cascade` and `.train` (PipelineConfig)."""
+    cascade, train = getattr(cfg, "cascade", None), getattr(cfg, "train", None)
+    if not isinstance(cascade, CascadeConfig) or not isinstance(train, TrainConfig):
+        raise TypeError("cfg needs .cascade (CascadeConfig) and .train (TrainConfig), e.g. a PipelineConfig")
+    return cascade, train
+
+
+def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: str | None) -> str:
+    """The dataset folder a stage reads, checked up front: kind, shards and (if needed) embeddings."""
+    spec = stage_spec(stage)
+    root = images if spec.data == "images" else videos
+    if root is None:
+        raise ValueError(f"stage {stage} reads {spec.data}: pass the {spec.data} dataset folder (--{spec.data})")
+    root = str(Path(root).resolve()) if "://" not in str(root) else str(root)
+    manifest = read_manifest(root, spec.data)
+    view = spec.view(cascade)
+    if isinstance(view, ImageView) and view.embeddings:
+        fs, _ = fsspec.core.url_to_fs(root)
+        missing = [p for p in (embeddings_path(root, u[len(root) + 1:]) for u in shard_urls(root, manifest))
+                   if not fs.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"stage {stage} needs CLIP embeddings: {missing[0]} is missing "
+                                    f"({len(missing)} shards); run the embed flow on this dataset first")
+    return root
+
+
+def _finished(folder: Path) -> StageResult | None:
+    done = folder / "result.json"
+    if not done.is_file():
+        return None
+    result = StageResult(**json.loads(done.read_text()))
+    return result if Path(result.weights_path).is_file() else None
+
+
+def _stage_run(folder: Path, tracker: MlflowTracker, stage: str, parent_run_id: str | None) -> str:
+    """The stage's MLflow run: the one a stopped attempt left in run.json, else a new child run."""
+    record = folder / "run.json"
+    if record.is_file():
+        return tracker.start(stage, resume_run_id=json.loads(record.read_text())["run_id"])
+    run_id = tracker.start(stage, parent_run_id=parent_run_id, tags={"stage": stage})
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run_id}))
+    return run_id
+
+
+def fit_stage(stage: str, config: dict[str, Any], train: StageTrainConfig, storage: Path):
+    """One TorchTrainer run; resumes from `storage/<stage>` when an earlier attempt left checkpoints."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()  # a local cluster, or the one RAY_ADDRESS names
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        run_config=RunConfig(name=stage, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    return trainer.fit()
+
+
+def _final_weights(result: Any, folder: Path, stage: str, steps: int) -> Path:
+    """The last checkpoint's EMA weights, saved as the stage's file with the resolved config."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage}: the Ray Train run ended without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+        weights, _ = load_weights(Path(ckpt) / "weights.safetensors")
+    if state["step"] != steps:
+        raise RuntimeError(f"stage {stage}: last checkpoint is at step {state['step']}, not {steps}")
+    meta = {"config": state["config"], "stage": stage, "steps": steps}
+    return save_weights(weights, folder / f"{stage}.safetensors", meta)
+
+
+def job_config(stage: str, cfg: Any, data: str, run_root: str, *, tracking_uri: str | None = None,
+               experiment: str = "make-a-video", run_id: str | None = None, split: str = "samples") -> dict:
+    """The JSON-able job every worker rebuilds with `loop.Job.from_config`. Upstream weights come from
+    the registry ("mlflow" = models:/mav-<stage>@current); MAV_FAIL_AT_STEP is forwarded (chaos knob)."""
+    cascade, train_cfg = _configs(cfg)
+    return {"stage": stage, "cascade": cascade.model_dump(mode="json"),
+            "train": train_cfg.stage(stage).model_dump(mode="json"), "data": data, "run_root": run_root,
+            "tracking_uri": tracking_uri, "experiment": experiment, "run_id": run_id,
+            "sources": {dep: "mlflow" for dep in requires(stage, cascade)}, "split": split,
+            "fail_at_step": os.environ.get(CHAOS_ENV)}
+
+
+def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | None = None,
+              run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
+              parent_run_id: str | None = None, force: bool = False, split: str = "samples") -> StageResult:
+    """Train one stage on Ray Train, register its weights as `mav-<stage>@current`, and return where
+    they are. A finished stage (result.json + weights) is skipped unless `force`, which also drops its
+    Ray checkpoints so training starts over."""
+    cascade, train_cfg = _configs(cfg)
+    train = train_cfg.stage(stage)
+    root = Path(run_root).resolve()
+    folder = root / stage
+    if force:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(root / "ray" / stage, ignore_errors=True)
+    done = _finished(folder)
+    if done is not None:
+        print(f"[{stage}] already trained: {done.weights_path} (version {done.version}); skipped")
+        return done
+    data = stage_data(stage, cascade, images, videos)
+    tracking_uri = tracking_uri or train_cfg.tracking_uri or default_tracking_uri(str(root))
+    _check_sources({dep: "mlflow" for dep in requires(stage, cascade)}, tracking_uri)
+    tracker = MlflowTracker(tracking_uri, experiment or train_cfg.experiment)
+    run_id = _stage_run(folder, tracker, stage, parent_run_id)
+    config = job_config(stage, cfg, data, str(root), tracking_uri=tracking_uri, experiment=tracker.experiment,
+                        run_id=run_id, split=split)
+    try:
+        result = fit_stage(stage, config, train, root / "ray")
+        weights = _final_weights(result, folder, stage, train.steps)
+        log_dataset(tracker, data)
+        tracker.log_dict({k: v for k, v in config.items() if k != "fail_at_step"}, "config/resolved.json")
+        version = tracker.register_weights(stage, str(weights))
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    out = StageResult(stage, str(weights), run_id, version, train.steps)
+    (folder / "result.json").write_text(json.dumps(asdict(out)))
+    return out
+
+
+class LocalWorker:
+    """The loop's runner without Ray: this process is one worker (rank and world from torch.distributed
+    when it is initialised, DDP then), checkpoints are copied to `folder/step_NNNNNNN`. For debugging a
+    stage in one process and for the benchmark's plain-PyTorch baseline."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu") -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.device, self.folder = torch.device(device), Path(folder)
+
+    def prepare(self, module: Any) -> Any:
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = module.to(self.device)
+        return DistributedDataParallel(module) if self.world > 1 else module
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[str | None]:
+        found = sorted(self.folder.glob("step_*"))
+        yield str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.folder / f"step_{int(metrics['step']):07d}", dirs_exist_ok=True)
+
+
+def run_local(config: dict[str, Any], folder: str | Path, device: str = "cpu") -> dict[str, float]:
+    """Run a job (see `job_config`) in this process with the same loop the Ray workers run."""
+    return run(Job.from_config(config), LocalWorker(folder, device))
+
+
+def _check_sources(sources: dict[str, str], tracking_uri: str) -> None:
+    """Fail before starting Ray when an upstream stage is not registered yet."""
+    from training.registry import resolve_weights
+
+    for dep, source in sources.items():
+        resolve_weights(dep, source, tracking_uri)
+
+
+def log_dataset(tracker: MlflowTracker, data: str) -> None:
+    """The manifest the stage trained on: an MLflow dataset input for a local folder; for an object-store
+    folder (the tracker reads local files only) the manifest itself as an artifact."""
+    if "://" not in data:
+        tracker.log_manifest(str(Path(data) / "manifest.json"), context="training")
+        return
+    with fsspec.open(f"{data.rstrip('/')}/manifest.json", "r") as fh:
+        tracker.log_dict(json.load(fh), "datasets/training/manifest.json")
+
+
+def stages_for(names: Iterable[str], cascade: CascadeConfig) -> list[str]:
+    """Stage names (or "all") in the cascade's training order. "all" trains CLIP only when no pretrained
+    CLIP file is configured (the toy world); real runs load CLIP from `clip.weights_path`."""
+    names = list(names)
+    if "all" in names:
+        names = [s for s in STAGES if s != "clip" or cascade.clip.weights_path is None]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; stages are {', '.join(STAGES)} or all")
+    return [s for s in STAGES if s in names]
+
+
+def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos: str | None = None,
+              run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
+              parent_run_id: str | None = None, force: bool = False,
+              after_stage: Callable[[str, StageResult], None] | None = None) -> dict[str, StageResult]:
+    """Run the stages in order, each a child of one parent MLflow run (a new one unless given).
+
+    `after_stage(stage, result)` runs once a stage is done (or skipped as done): the pipeline layer
+    computes the CLIP embeddings of the image shards there, after `clip` and before the stages that
+    read them."""
+    cascade, train_cfg = _configs(cfg)
+    order = stages_for(stages, cascade)
+    uri = tracking_uri or train_cfg.tracking_uri or default_tracking_uri(str(Path(run_root).resolve()))
+    kw = {"images": images, "videos": videos, "run_root": run_root, "tracking_uri": uri,
+          "experiment": experiment, "force": force}
+
+    def run_all(parent: str) -> dict[str, StageResult]:
+        results = {}
+        for stage in order:
+            results[stage] = run_stage(stage, cfg, parent_run_id=parent, **kw)
+            if after_stage is not None:
+                after_stage(stage, results[stage])
+        return results
+
+    if parent_run_id is not None:
+        return run_all(parent_run_id)
+    factory = lambda: MlflowTracker(uri, experiment or train_cfg.experiment)  # noqa: E731
+    with pipeline_parent_run(factory, "train", tags={"stages": ",".join(order)}) as parent:
+        return run_all(parent.run_id)
+
+
+# --- the `mav train` command: pipelines/cli.py calls add_train_commands (training never imports pipelines) --
+
+def add_train_commands(subparsers: Any, load_config: Callable[[argparse.Namespace], Any],
+                       add_config_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                       runner: Callable[..., dict[str, StageResult]] | None = None) -> None:
+    """Register `mav train STAGE|all [--preset] [--images DIR] [--videos DIR] [--out RUN_ROOT] [--force]`.
+    `load_config(args)` turns the parsed arguments into the config tree (the CLI's own loader);
+    `add_config_args(parser)` adds the CLI's shared --preset/--config/--set (else only --preset);
+    `runner` replaces `train_all` (same arguments), e.g. to add the pipeline's embedding step."""
+    p = subparsers.add_parser("train", help="train a stage of the cascade, or all in order (Ray Train + MLflow)",
+                              description="Each stage is a Ray Train job; weights are registered in MLflow "
+                                          "as mav-<stage>@current. Re-running resumes or skips finished stages.")
+    p.add_argument("stage", choices=[*STAGES, "all"])
+    if add_config_args is not None:
+        add_config_args(p)
+    else:
+        p.add_argument("--preset", choices=("tiny", "toy", "paper"), default="toy")
+    p.add_argument("--images", help="image dataset folder (manifest.json, shards/, embeddings/)")
+    p.add_argument("--videos", help="video dataset folder (manifest.json, shards/)")
+    p.add_argument("--out", default="runs", help="run folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="retrain stages that already finished")
+    p.set_defaults(func=lambda args: cmd_train(args, load_config, runner or train_all))
+
+
+def cmd_train(args: argparse.Namespace, load_config: Callable[[argparse.Namespace], Any],
+              runner: Callable[..., dict[str, StageResult]] = train_all) -> int:
+    results = runner([args.stage], load_config(args), images=args.images, videos=args.videos,
+                     run_root=args.out, force=args.force)
+    for result in results.values():
+        print(f"{result.stage}: {result.weights_path} (mav-{result.stage} version {result.version}, "
+              f"{result.steps} steps)")
+    return 0

@@ -1,0 +1,406 @@
+"""The training loop of every stage, as Ray Train runs it on each worker (`train_loop_per_worker`).
+
+One loop for all stages: build the stage (training/stages.py), wrap it for DDP, then AdamW with
+warm-up + cosine LR, gradient accumulation, gradient clipping, an EMA of the weights, autocast from
+model.precision, per-sample seeded draws (so N workers compute what one worker computes on the same
+global batch). Side effects on rank 0 only: MLflow metrics and previews, checkpoint folders.
+
+Checkpoint folder (every `checkpoint_every` steps and at the end, handed to `ray.train.report`):
+  weights.safetensors  the EMA weights (what sampling and the next stage use), config as metadata
+  raw.safetensors      the trained weights the optimiser state belongs to
+  optimizer.pt         optimiser + LR scheduler state (torch.save; loaded with weights_only=True)
+  state.json           {"step", "mlflow_run_id", "config"}
+A restarted worker (FailureConfig) continues from `ray.train.get_checkpoint()`: the step counter goes on
+from the checkpoint's step, and the tracker drops metrics at steps it already holds.
+
+Chaos knob: MAV_FAIL_AT_STEP=N (or "fail_at_step" in the job config) makes the last worker raise at
+step N, once per stage run folder (a marker file `<run_root>/<stage>/.chaos-N` records that it did), to
+exercise the restart path for real.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+
+from model.checkpoint import load_weights, save_weights
+from model.config import CascadeConfig
+from model.precision import autocast_context, default_precision, grad_scaler
+from training.config import StageTrainConfig
+from training.data import stage_batches
+from training.stages import ImageView, SampleRng, Stage, after_step, build_stage, weights_module
+from training.tracking import MlflowTracker, NullTracker, Tracker
+
+CHAOS_ENV = "MAV_FAIL_AT_STEP"
+MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak LR, not to zero
+
+
+@dataclass
+class Job:
+    """One stage's training job, rebuilt on every worker from the JSON-able dict the driver passes."""
+
+    stage: str
+    cascade: CascadeConfig
+    train: StageTrainConfig
+    data: str
+    run_root: str
+    tracking_uri: str | None = None
+    experiment: str = "make-a-video"
+    run_id: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    split: str = "samples"
+    fail_at_step: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Job":
+        fail = config.get("fail_at_step") or os.environ.get(CHAOS_ENV)
+        return cls(stage=config["stage"], cascade=CascadeConfig.model_validate(config["cascade"]),
+                   train=StageTrainConfig.model_validate(config["train"]), data=config["data"],
+                   run_root=config["run_root"], tracking_uri=config.get("tracking_uri"),
+                   experiment=config.get("experiment", "make-a-video"), run_id=config.get("run_id"),
+                   sources=dict(config.get("sources", {})), split=config.get("split", "samples"),
+                   fail_at_step=int(fail) if fail else None)
+
+    def resolved(self) -> dict[str, Any]:
+        """The resolved config saved with every checkpoint and logged as params."""
+        return {"stage": self.stage, "cascade": self.cascade.model_dump(mode="json"),
+                "train": self.train.model_dump(mode="json"), "data": self.data, "split": self.split,
+                "sources": self.sources}
+
+    def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Registered weights of an upstream stage (the registry, or a local file)."""
+        from training.registry import load_stage_weights
+
+        return load_stage_weights(stage, self.sources.get(stage, "mlflow"), self.tracking_uri)
+
+
+class Worker(Protocol):
+    """What the loop needs from its runner: Ray Train here, plain torch.distributed in the benchmark."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def prepare(self, module: nn.Module) -> nn.Module: ...
+
+    def checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+
+
+class RayWorker:
+    """The loop's view of a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module)  # to the device; DDP when world > 1
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as path:
+            yield path
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point (TorchTrainer's train_loop_per_worker)."""
+    run(Job.from_config(config), RayWorker())
+
+
+def lr_factor(step: int, cfg: StageTrainConfig) -> float:
+    """Linear warm-up over warmup_steps, then cosine from 1 to MIN_LR_RATIO at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Ema:
+    """Exponential moving average of the weights, kept on every rank (DDP keeps the weights identical).
+    The decay warms up as min(decay, (1+step)/(10+step)), so short runs are not stuck at their init."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(module).requires_grad_(False).eval()
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema, p in zip(self.module.parameters(), module.parameters()):
+            ema.lerp_(p.detach(), 1 - decay)
+        for ema, b in zip(self.module.buffers(), module.buffers()):
+            ema.copy_(b)
+
+
+@dataclass
+class State:
+    """What the loop carries from step to step."""
+
+    net: nn.Module  # as prepared (DDP on several workers)
+    raw: nn.Module  # the unwrapped module
+    ema: Ema
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+
+def build_state(job: Job, worker: Worker) -> tuple[Stage, State]:
+    torch.manual_seed(job.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
+    stage, module = build_stage(job.stage, job.cascade, job.load, worker.device)
+    net = worker.prepare(module)
+    raw = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=job.train.lr, weight_decay=job.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job.train))
+    scaler = grad_scaler(precision(job, worker), worker.device)
+    return stage, State(net, raw, Ema(raw, job.train.ema_decay), optimizer, scheduler, scaler)
+
+
+def precision(job: Job, worker: Worker) -> str:
+    p = job.train.precision
+    return default_precision(worker.device) if p == "auto" else p
+
+
+def save_checkpoint(path: Path, job: Job, state: State) -> None:
+    meta = {"config": job.resolved(), "stage": job.stage, "step": state.step}
+    save_weights(weights_module(state.ema.module), path / "weights.safetensors", meta)
+    save_weights(state.raw, path / "raw.safetensors", meta)
+    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                "scaler": state.scaler.state_dict()}, path / "optimizer.pt")
+    (path / "state.json").write_text(json.dumps({"step": state.step, "mlflow_run_id": job.run_id,
+                                                 "config": job.resolved()}))
+
+
+def load_checkpoint(path: Path, state: State) -> dict[str, Any]:
+    """Restore weights, EMA, optimiser, scheduler and step; returns state.json."""
+    info = json.loads((path / "state.json").read_text())
+    state.raw.load_state_dict(load_weights(path / "raw.safetensors")[0])
+    weights_module(state.ema.module).load_state_dict(load_weights(path / "weights.safetensors")[0])
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    state.optimizer.load_state_dict(opt["optimizer"])
+    state.scheduler.load_state_dict(opt["scheduler"])
+    state.scaler.load_state_dict(opt["scaler"])
+    state.step = int(info["step"])
+    return info
+
+
+def maybe_fail(job: Job, worker: Worker, step: int) -> None:
+    """The chaos knob (module doc): the last worker raises once at step `fail_at_step`."""
+    if job.fail_at_step != step or worker.rank != worker.world - 1:
+        return
+    marker = Path(job.run_root) / job.stage / f".chaos-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    raise RuntimeError(f"chaos: {CHAOS_ENV}={step} stopped worker {worker.rank} of stage {job.stage}")
+
+
+def micro_batches(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    size = next(iter(batch.values())).shape[0]
+    if size % parts:
+        raise ValueError(f"a worker batch of {size} does not split into grad_accum={parts} parts")
+    chunk = size // parts
+    return [{k: v[i * chunk:(i + 1) * chunk] for k, v in batch.items()} for i in range(parts)]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v if k == "seed" else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(stage: Stage, state: State, batch: dict[str, torch.Tensor], job: Job, worker: Worker) -> float:
+    """One optimiser step over grad_accum micro-batches; returns this worker's mean loss."""
+    parts = micro_batches(to_device(batch, worker.device), job.train.grad_accum)
+    total = 0.0
+    for i, part in enumerate(parts):
+        sync = i == len(parts) - 1 or not isinstance(state.net, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else state.net.no_sync():
+            with autocast_context(worker.device, precision(job, worker)):
+                loss = stage.loss(state.net, part, SampleRng(part["seed"])) / len(parts)
+            state.scaler.scale(loss).backward()
+        total += float(loss.detach())
+    state.scaler.unscale_(state.optimizer)
+    if job.train.grad_clip > 0:
+        nn.utils.clip_grad_norm_(state.raw.parameters(), job.train.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    after_step(state.raw)
+    state.step += 1
+    state.ema.update(state.raw, state.step)
+    return total
+
+
+def global_mean(value: float, worker: Worker) -> float:
+    """The mean over workers (every rank must call it at the same step)."""
+    if worker.world == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=worker.device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(t)
+    return float(t) / worker.world
+
+
+def open_tracker(job: Job, worker: Worker) -> Tracker:
+    """Rank 0 reopens the stage's MLflow run (created by the driver); other ranks log nothing."""
+    if worker.rank != 0 or job.run_id is None or job.tracking_uri is None:
+        return NullTracker()
+    tracker = MlflowTracker(job.tracking_uri, job.experiment)
+    tracker.start(job.stage, resume_run_id=job.run_id)
+    return tracker
+
+
+def _uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def image_strip(images: torch.Tensor) -> Image.Image:
+    """(N, 3, H, W) in [-1, 1] -> one image, side by side."""
+    return Image.fromarray(torch.cat(list(_uint8(images)), dim=2).permute(1, 2, 0).numpy())
+
+
+def write_preview(preview: dict[str, Any], folder: Path, tracker: Tracker, step: int) -> None:
+    """Previews to MLflow: metrics as metrics, images as a PNG strip, videos as a GIF."""
+    if "metrics" in preview:
+        tracker.log_metrics(preview["metrics"], step)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if "images" in preview:
+        path = folder / f"step_{step:07d}.png"
+        image_strip(preview["images"]).save(path)
+    else:
+        video = preview["video"]  # (N, 3, F, H, W)
+        frames = [image_strip(video[:, :, f]) for f in range(video.shape[2])]
+        path = folder / f"step_{step:07d}.gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
+    tracker.log_artifact(str(path), "samples")
+
+
+class Progress:
+    """Rank 0's running account: metrics at log steps, a line with the ETA, steady-state throughput."""
+
+    def __init__(self, job: Job, tracker: Tracker, start_step: int, rank: int) -> None:
+        self.job, self.tracker, self.start_step, self.rank = job, tracker, start_step, rank
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_step = start_step
+        self.first: tuple[int, float] | None = None  # (step, time) after the first step: excludes warm-up
+
+    def stepped(self, step: int) -> None:
+        if self.first is None:
+            self.first = (step, time.perf_counter())
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        sps = self.job.train.batch_size * (step - self.last_step) / max(now - self.last_t, 1e-9)
+        eta = (now - self.t0) / (step - self.start_step) * (self.job.train.steps - step)
+        self.last_t, self.last_step = now, step
+        self.tracker.log_metrics({"loss": loss, "lr": lr, "samples_per_s": sps}, step)
+        if self.rank == 0:
+            print(f"[{self.job.stage}] step {step}/{self.job.train.steps} loss {loss:.4f} lr {lr:.2e} "
+                  f"{sps:.1f} samples/s eta {eta:.0f}s", flush=True)
+
+    def throughput(self, step: int) -> float:
+        """Samples/s from the end of the first step to `step` (0 when fewer than two steps ran)."""
+        if self.first is None or step <= self.first[0]:
+            return 0.0
+        return self.job.train.batch_size * (step - self.first[0]) / (time.perf_counter() - self.first[1])
+
+
+def report_checkpoint(job: Job, worker: Worker, state: State, metrics: dict[str, float]) -> None:
+    """Rank 0 writes the checkpoint folder and reports it; every rank reports (it is a barrier)."""
+    if worker.rank != 0:
+        worker.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-") as tmp:
+        save_checkpoint(Path(tmp), job, state)
+        worker.report(metrics, tmp)
+
+
+def tokenizer_for(stage: Stage):
+    """open_clip's tokenizer for the stages that read captions (clip, prior), else None."""
+    view = stage.spec.view(stage.cascade)
+    if not (isinstance(view, ImageView) and view.tokens):
+        return None
+    import open_clip
+
+    clip = stage.cascade.clip
+    return open_clip.get_tokenizer(clip.model_name, context_length=clip.context_length)
+
+
+def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: Tracker,
+                progress: Progress) -> float:
+    """From state.step to train.steps: log, preview and checkpoint on their cadences; returns the last loss."""
+    cfg, loss = job.train, float("nan")
+    batches = stage_batches(job.data, stage.spec.view(job.cascade), global_batch=cfg.batch_size,
+                            rank=worker.rank, world=worker.world, seed=cfg.seed, total_steps=cfg.steps,
+                            start_step=state.step, split=job.split, tokenizer=tokenizer_for(stage))
+    with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-previews-") as previews:
+        for batch in batches:
+            step = state.step + 1
+            maybe_fail(job, worker, step)
+            loss = train_step(stage, state, batch, job, worker)
+            progress.stepped(step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss = global_mean(loss, worker)
+                progress.log(step, loss, state.scheduler.get_last_lr()[0])
+            if worker.rank == 0 and step % cfg.sample_every == 0:
+                with torch.no_grad():
+                    preview = stage.spec.preview(stage, state.ema.module, to_device(batch, worker.device),
+                                                 torch.Generator().manual_seed(cfg.seed))
+                write_preview(preview, Path(previews), tracker, step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                report_checkpoint(job, worker, state, {"step": step, "loss": loss,
+                                                       "samples_per_s": progress.throughput(step)})
+            if step >= cfg.steps:
+                return loss
+    return loss
+
+
+def run(job: Job, worker: Worker) -> dict[str, float]:
+    """Train `job.stage` to `train.steps`, resuming from the worker's checkpoint; returns final metrics."""
+    stage, state = build_state(job, worker)
+    with worker.checkpoint() as path:
+        if path is not None:
+            saved_run = load_checkpoint(Path(path), state).get("mlflow_run_id")
+            job.run_id = job.run_id or saved_run
+    tracker = open_tracker(job, worker)
+    if state.step == 0:
+        tracker.log_params(job.resolved())
+    elif state.step < job.train.steps:  # a restart: MLflow shows where it resumed from
+        tracker.log_metrics({"resumed_at_step": state.step}, state.step)
+    progress, loss = Progress(job, tracker, state.step, worker.rank), float("nan")
+    if state.step < job.train.steps:
+        loss = train_steps(job, worker, stage, state, tracker, progress)
+    return {"step": state.step, "loss": loss, "samples_per_s": progress.throughput(state.step)}
