@@ -152,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
     d.set_defaults(func=cmd_data_videos)
 
+    from pipelines.flows.evaluate import add_evaluate_commands
     from pipelines.generate import add_generate_commands
-    from training.jobs import add_train_commands
+    from training.cli import add_train_commands
 
     add_train_commands(sub, _load, _add_config_args, runner=_train_runner)
     add_generate_commands(sub, _add_config_args, _load)
+    add_evaluate_commands(sub, _add_config_args, _load)
 
     p = sub.add_parser("demo", help="the main job end to end on the toy preset",
                        description="Run the whole chain as far as it exists, reusing what is already done.")

@@ -24,5 +24,17 @@ def run_demo(cfg: PipelineConfig, out: Path) -> int:
     videos = results["videos"]
     print(f"  video shards    {videos['path']}  ({videos['counts'].get('written', 0)} of {videos['rows']} "
           f"videos/clips written, no text in any sample)")
+    train = results["train"]
+    print(f"  training        {train['run_root']}  (stages: "
+          + ", ".join(f"{s} v{t['version']}" for s, t in train["stages"].items()) + ")")
+    print(f"  MLflow          {train['tracking_uri']}")
+    print(f"                  browse: .venv/bin/mlflow ui --backend-store-uri {train['tracking_uri']}")
+    for files in results["videos_out"]:
+        print(f"  video           {files.get('mp4')}  (+ .gif, .grid.png, .json sidecar; watermarked)")
+    ev = results["evaluation"]
+    means, bar = ev["metrics"]["all"], ev["metrics"]["quality_bar"]
+    print(f"  evaluation      {ev['out']}  (base stage: faithfulness {means['prompt_faithfulness']:.2f}, "
+          f"consistency {means['temporal_consistency']:.2f}, motion share {means['motion_share']:.2f}; "
+          f"quality bar {'PASSED' if bar['passed'] else 'not reached'})")
     print(f"  timings (s)     {results['timings_s']}")
     return 0

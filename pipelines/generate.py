@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from PIL import Image
 
 from pipelines.config import ConfigError
 from pipelines.watermark import WatermarkConfig, apply_watermark
-from training.tracking import DEFAULT_ALIAS, config_hash, default_tracking_uri, file_sha256, registered_name
+from training.tracking import DEFAULT_ALIAS, config_hash, file_sha256, registered_name
 
 if TYPE_CHECKING:  # torch and the cascade load when generating, not when the CLI registers its commands
     import torch
@@ -48,9 +47,9 @@ class MissingWeightsError(FileNotFoundError):
 def resolve_tracking_uri(cfg: Any = None, tracking_uri: str | None = None) -> str:
     """--tracking-uri, else the config's train.tracking_uri, else $MLFLOW_TRACKING_URI, else the sqlite
     store training writes by default (training.jobs: run_root "runs")."""
-    train = getattr(cfg, "train", None)
-    return (tracking_uri or getattr(train, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
-            or default_tracking_uri("runs"))
+    from training.tracking import resolve_tracking_uri as resolve
+
+    return resolve(tracking_uri, getattr(getattr(cfg, "train", None), "tracking_uri", None), "runs")
 
 
 def _check_store(tracking_uri: str) -> None:

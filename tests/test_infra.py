@@ -222,31 +222,15 @@ def _package_file(package: str, relative: str) -> str:
 
 
 def _mav_train_parser() -> argparse.ArgumentParser:
-    """A parser with exactly the options `mav train` registers (training/jobs.py add_train_commands plus the
-    CLI's shared --preset/--config/--set), read from the source so that no torch/ray import is needed."""
-    from training.config import STAGES
+    """The real `mav` parser (building it imports no torch or Ray)."""
+    from pipelines.cli import build_parser
 
-    options: set[str] = set()
-    for path, function in ((ROOT / "training" / "jobs.py", "add_train_commands"),
-                           (ROOT / "pipelines" / "cli.py", "_add_config_args")):
-        tree = ast.parse(path.read_text())
-        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
-        for call in ast.walk(fn):
-            if isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "add_argument":
-                options.update(a.value for a in call.args
-                               if isinstance(a, ast.Constant) and str(a.value).startswith("--"))
-    assert {"--preset", "--set", "--out"} <= options, options
-    parser = argparse.ArgumentParser(prog="mav train", exit_on_error=False)
-    parser.add_argument("stage", choices=[*STAGES, "all"])
-    for option in sorted(options):
-        kind = {"--set": "append", "--force": "store_true"}.get(option, "store")
-        parser.add_argument(option, action=kind, **({"default": []} if kind == "append" else {}))
-    return parser
+    return build_parser()
 
 
 def _train_command(argv: list[str]) -> argparse.Namespace:
     assert argv[:2] == ["mav", "train"], argv
-    return _mav_train_parser().parse_args(argv[2:])
+    return _mav_train_parser().parse_args(argv[1:])
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------
@@ -498,7 +482,7 @@ def test_rayjob_runs_mav_train_on_the_cluster():
     assert urlparse(args.out).scheme == "s3", "a multi-node run folder must be shared storage"
     for data in (args.images, args.videos):
         assert data and urlparse(data).scheme == "s3"
-    cfg = load_config(preset=args.preset, overrides=args.set)  # the overrides are valid config
+    cfg = load_config(preset=args.preset, overrides=args.overrides)  # the overrides are valid config
     # Training reads TrainConfig.tracking_uri, not MLFLOW_TRACKING_URI: both must name the same server.
     assert cfg.train.tracking_uri == _kube("ConfigMap")["data"]["MLFLOW_TRACKING_URI"]
 

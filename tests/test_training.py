@@ -333,7 +333,8 @@ def test_train_command_and_stage_order() -> None:
     import argparse
 
     from training.config import STAGES
-    from training.jobs import add_train_commands, stages_for
+    from training.cli import add_train_commands
+    from training.jobs import stages_for
 
     parser = argparse.ArgumentParser(prog="mav")
     add_train_commands(parser.add_subparsers(dest="command"), load_config=lambda args: tiny_config())

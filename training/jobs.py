@@ -19,7 +19,6 @@ The driver opens each stage's MLflow run and hands its id to the workers; rank 0
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -36,7 +35,7 @@ from training.config import STAGES, StageTrainConfig, TrainConfig
 from training.data import embeddings_path, read_manifest, shard_urls
 from training.loop import CHAOS_ENV, Job, run, train_loop_per_worker
 from training.stages import ImageView, requires, stage_spec
-from training.tracking import MlflowTracker, default_tracking_uri, pipeline_parent_run
+from training.tracking import MlflowTracker, pipeline_parent_run, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
         print(f"[{stage}] already trained: {done.weights_path} (version {done.version}); skipped")
         return done
     data = stage_data(stage, cascade, images, videos)
-    tracking_uri = tracking_uri or train_cfg.tracking_uri or default_tracking_uri(str(root))
+    tracking_uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, str(root))
     _check_sources({dep: "mlflow" for dep in requires(stage, cascade)}, tracking_uri)
     tracker = MlflowTracker(tracking_uri, experiment or train_cfg.experiment)
     run_id = _stage_run(folder, tracker, stage, parent_run_id)
@@ -250,7 +249,7 @@ def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos
     read them."""
     cascade, train_cfg = _configs(cfg)
     order = stages_for(stages, cascade)
-    uri = tracking_uri or train_cfg.tracking_uri or default_tracking_uri(str(Path(run_root).resolve()))
+    uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, str(Path(run_root).resolve()))
     kw = {"images": images, "videos": videos, "run_root": run_root, "tracking_uri": uri,
           "experiment": experiment, "force": force}
 
@@ -267,37 +266,3 @@ def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos
     factory = lambda: MlflowTracker(uri, experiment or train_cfg.experiment)  # noqa: E731
     with pipeline_parent_run(factory, "train", tags={"stages": ",".join(order)}) as parent:
         return run_all(parent.run_id)
-
-
-# --- the `mav train` command: pipelines/cli.py calls add_train_commands (training never imports pipelines) --
-
-def add_train_commands(subparsers: Any, load_config: Callable[[argparse.Namespace], Any],
-                       add_config_args: Callable[[argparse.ArgumentParser], None] | None = None,
-                       runner: Callable[..., dict[str, StageResult]] | None = None) -> None:
-    """Register `mav train STAGE|all [--preset] [--images DIR] [--videos DIR] [--out RUN_ROOT] [--force]`.
-    `load_config(args)` turns the parsed arguments into the config tree (the CLI's own loader);
-    `add_config_args(parser)` adds the CLI's shared --preset/--config/--set (else only --preset);
-    `runner` replaces `train_all` (same arguments), e.g. to add the pipeline's embedding step."""
-    p = subparsers.add_parser("train", help="train a stage of the cascade, or all in order (Ray Train + MLflow)",
-                              description="Each stage is a Ray Train job; weights are registered in MLflow "
-                                          "as mav-<stage>@current. Re-running resumes or skips finished stages.")
-    p.add_argument("stage", choices=[*STAGES, "all"])
-    if add_config_args is not None:
-        add_config_args(p)
-    else:
-        p.add_argument("--preset", choices=("tiny", "toy", "paper"), default="toy")
-    p.add_argument("--images", help="image dataset folder (manifest.json, shards/, embeddings/)")
-    p.add_argument("--videos", help="video dataset folder (manifest.json, shards/)")
-    p.add_argument("--out", default="runs", help="run folder (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="retrain stages that already finished")
-    p.set_defaults(func=lambda args: cmd_train(args, load_config, runner or train_all))
-
-
-def cmd_train(args: argparse.Namespace, load_config: Callable[[argparse.Namespace], Any],
-              runner: Callable[..., dict[str, StageResult]] = train_all) -> int:
-    results = runner([args.stage], load_config(args), images=args.images, videos=args.videos,
-                     run_root=args.out, force=args.force)
-    for result in results.values():
-        print(f"{result.stage}: {result.weights_path} (mav-{result.stage} version {result.version}, "
-              f"{result.steps} steps)")
-    return 0

@@ -16,6 +16,7 @@ import abc
 import contextlib
 import hashlib
 import json
+import os
 import logging
 import time
 import warnings
@@ -60,6 +61,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, ParamValue]:
 def default_tracking_uri(run_root: str) -> str:
     """The embedded store: a sqlite file in the run folder (nothing to start, no server)."""
     return f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(explicit: str | None, configured: str | None, run_root: str) -> str:
+    """Where runs go, first set wins: the caller's argument, `train.tracking_uri`, the standard
+    `MLFLOW_TRACKING_URI` variable (a tracking server on a cluster), then the sqlite file in the run folder."""
+    return explicit or configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_root)
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:

@@ -1,0 +1,166 @@
+"""The evaluation stage on the tiny preset: a deterministic prompt set with held-out combinations, a real
+evaluation run logged to a sqlite MLflow store (random weights registered there), the quality bar (random
+weights fail it, the world's own videos pass it), the Prefect flow's body and the CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import decord
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from model.cascade import build_cascade
+from model.checkpoint import save_weights
+from pipelines.config import preset_config
+from pipelines.evaluate import parse_prompt
+from pipelines.flows.evaluate import (QUALITY_BAR, PromptSpec, add_evaluate_commands, aggregate, evaluate_cascade,
+                                     held_out_combinations, load_reference_videos, output_shape, prompt_set,
+                                     score_videos, world_config)
+from pipelines.world import generate_world, world_preset
+from training.tracking import MlflowTracker
+
+CFG = preset_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(world folder, its ground truth as a DataFrame)."""
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, world_preset("tiny"))
+    return root, pq.read_table(root / "ground_truth.parquet").to_pandas()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite MLflow store with random tiny weights registered for CLIP and every stage."""
+    folder = tmp_path_factory.mktemp("store")
+    torch.manual_seed(0)
+    cascade = build_cascade(CFG.cascade)
+    states = {"clip": cascade.clip.state_dict(), **{s: n.state_dict() for s, n in cascade.nets.items()}}
+    uri = f"sqlite:///{folder}/mlflow.db"
+    tracker = MlflowTracker(uri, "weights")
+    tracker.start("weights")
+    for stage, state in states.items():
+        path = folder / f"{stage}.safetensors"
+        save_weights(state, path, {"config": {"cascade": CFG.cascade.model_dump(mode="json")}})
+        tracker.register_weights(stage, str(path))
+    tracker.end()
+    return uri
+
+
+def test_the_prompt_set_is_fixed_and_holds_out_unseen_combinations(world):
+    root, truth = world
+    wcfg = world_config(root)
+    laion = set(zip(*(truth[truth.source == "laion"][c] for c in ("shape", "colour", "background"))))
+    held = held_out_combinations(wcfg, root)
+    assert held and not held & laion
+    assert held == held_out_combinations(world_preset("tiny"))  # the config's plan is the folder's rows
+    specs = prompt_set(wcfg, 8, seed=3, held_out=held)
+    assert specs == prompt_set(world_preset("tiny"), 8, seed=3, held_out=held)
+    assert specs == prompt_set(wcfg, 8, seed=3, held_out=held) and specs != prompt_set(wcfg, 8, seed=4, held_out=held)
+    flagged = [s for s in specs if s.held_out]
+    assert len(flagged) == 4 and len(specs) == 8
+    for s in specs:
+        assert ((s.shape, s.colour, s.background) in laion) is not s.held_out
+        p = parse_prompt(s.text)  # phrased as the world's captions: the evaluator reads back every field
+        assert (p.shape, p.colour, p.background, p.motion) == (s.shape, s.colour, s.background, s.motion)
+    assert {s.motion for s in specs} == set(wcfg.motions)
+    assert not any(s.held_out for s in prompt_set(wcfg, 4, held_out=[]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        prompt_set(wcfg, 4, held_out=[("hexagon", "red", "white")])
+    with pytest.raises(ValueError, match="n_prompts"):
+        prompt_set(wcfg, 0)
+
+
+def test_evaluate_cascade_logs_the_run(store, world, tmp_path, capsys):
+    root, _ = world
+    parent = MlflowTracker(store, CFG.train.experiment)
+    parent.start("pipeline")
+    prompts = prompt_set(world_config(root), 4, seed=0)
+    frames, side = output_shape(CFG, None)
+    reference = load_reference_videos(root, frames, side, seconds=0.5)
+    assert reference[0].shape == (7, 64, 64, 3) and len(reference) >= 5
+    result = evaluate_cascade(CFG, weights="mlflow", tracking_uri=store, out_dir=tmp_path, prompts=prompts,
+                              samples_per_prompt=2, seed=0, reference_videos=reference,
+                              parent_run_id=parent.run_id, device="cpu")
+    parent.end()
+
+    assert len(result["rows"]) == 8 and sorted({r["sample"] for r in result["rows"]}) == [0, 1]
+    bar = result["summary"]["quality_bar"]
+    assert set(bar["checks"]) == set(QUALITY_BAR) and bar["passed"] is False  # random weights draw no shapes
+    assert result["summary"]["all"]["prompt_faithfulness"] < 0.8
+
+    client = MlflowClient(store)
+    run = client.get_run(result["run_id"])
+    assert run.info.run_name == "evaluate" and run.data.tags["mlflow.parentRunId"] == parent.run_id
+    metrics = run.data.metrics
+    for key in ("prompt_faithfulness", "temporal_consistency", "motion_share", "frame_quality", "fvd", "clipsim",
+                "held_out/prompt_faithfulness", "seen/motion_share"):
+        assert f"eval/{key}" in metrics, key
+    assert metrics["eval/quality_bar"] == 0.0 and metrics["eval/fvd"] > 0 and -1 <= metrics["eval/clipsim"] <= 1
+    assert metrics["eval/prompt_faithfulness"] == pytest.approx(result["summary"]["all"]["prompt_faithfulness"])
+    assert run.data.tags["mav.weights.temporal"] == "mav-temporal/1" and run.data.tags["mav.quality_bar"] == "fail"
+    params = run.data.params
+    assert params["weights.sr_high.version"] == "1" and params["weights.clip.name"] == "mav-clip"
+    assert params["eval.samples_per_prompt"] == "2" and "relative" in params["eval.fvd_features"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/videos.csv", "evaluation/videos.json", "evaluation/samples"} <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "evaluation/samples")) == 4
+    logged = json.loads(open(client.download_artifacts(run.info.run_id, "evaluation/videos.json",
+                                                       str(tmp_path / "dl"))).read())
+    assert len(logged["videos"]) == 8 and logged["videos"][0]["prompt"] == prompts[0].text
+
+    printed = capsys.readouterr().out
+    assert all(p.text[:40] in printed for p in prompts) and "quality bar: FAIL" in printed
+    assert "all (8 videos)" in printed and "held-out (4 videos)" in printed and "FVD" in printed
+    assert (tmp_path / "videos.csv").read_text().count("\n") == 9
+    with pytest.raises(ValueError, match="stop_at"):
+        evaluate_cascade(CFG, weights="mlflow", tracking_uri=store, out_dir=tmp_path, prompts=prompts, stop_at="prior")
+
+
+def test_the_worlds_own_videos_pass_the_bar(world):
+    root, truth = world
+    rows = truth[(truth.source != "laion") & truth.truth.notna() & ~truth.expected.isin(["corrupt", "html"])]
+    videos, specs = [], []
+    for r in rows.drop_duplicates("sample_id").itertuples():
+        reader = decord.VideoReader(str(root / "files" / "videos" / f"{r.sample_id}.mp4"))
+        videos.append(reader.get_batch(list(range(0, len(reader), 2))).asnumpy())
+        specs.append(PromptSpec(r.caption, r.shape, r.colour, r.background, r.motion, held_out=len(specs) % 2 == 0))
+    summary = aggregate(score_videos(videos, specs))
+    assert summary["quality_bar"]["passed"], summary["quality_bar"]
+    assert summary["all"]["videos"] == len(videos) >= 5 and summary["held_out"]["motion_share"] == 1.0
+    frozen = aggregate(score_videos([np.repeat(v[:1], 8, axis=0) for v in videos], specs))
+    assert not frozen["quality_bar"]["passed"] and not frozen["quality_bar"]["checks"]["motion_share"]["passed"]
+    assert frozen["quality_bar"]["checks"]["prompt_faithfulness"]["passed"]  # only the motion is missing
+
+
+def test_cli_runs_the_flow_body_on_a_world(store, world, tmp_path, capsys):
+    from pipelines.cli import _add_config_args, _load
+    from pipelines.flows.evaluate import evaluate_flow
+
+    root, _ = world
+    parser = argparse.ArgumentParser(prog="mav")
+    add_evaluate_commands(parser.add_subparsers(dest="command"), _add_config_args, _load, runner=evaluate_flow.fn)
+    args = parser.parse_args(["evaluate", "--preset", "tiny", "--out", str(tmp_path), "--tracking-uri", store,
+                              "--world", str(root), "--prompts", "2", "--samples", "1", "--stop-at", "temporal"])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert len(saved["videos"]) == 2 and saved["summary"]["fvd"] > 0
+    assert {v["stage"] for v in saved["videos"]} == {"temporal"}
+    assert "quality bar:" in capsys.readouterr().out
+    assert evaluate_flow.name == "evaluate-cascade"
+
+
+def test_registering_the_command_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; from pipelines.flows.evaluate import add_evaluate_commands; "
+            "add_evaluate_commands(argparse.ArgumentParser().add_subparsers(), lambda p: None, lambda a: None); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'mlflow', 'model.cascade') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
