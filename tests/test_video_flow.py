@@ -291,3 +291,18 @@ def test_ray_distributor_runs_each_shard_as_a_task(world, tmp_path):
     expected = Counter(f"{s}:{r}" if r else s for _, (s, r) in _expected_by_row(root))
     assert manifest["counts"] == dict(expected)
     _check_shards(tmp_path / "ray", manifest, CFG.clip_size)
+
+
+def test_building_leaves_decord_returning_its_own_arrays(shared_data, tmp_path):
+    """video2dataset flips decord's bridge to torch when its dataloader is imported; building the
+    download worker puts it back (evaluation and generation read frames with `.asnumpy()` in the same
+    process as the flow)."""
+    import decord
+
+    from pipelines.videos.download import make_worker
+
+    decord.bridge.set_bridge("torch")  # what importing video2dataset.dataloader does
+    make_worker(str(tmp_path / "shards"), ["url", "row_id"], clip_size=32, samples_per_shard=4, threads=1,
+                timeout_s=1.0, max_bytes=1000, proxy_url="http://127.0.0.1:9", tmp_dir=str(tmp_path))
+    batch = decord.VideoReader(str(shared_data / "test_video.mp4")).get_batch([0])
+    assert hasattr(batch, "asnumpy")

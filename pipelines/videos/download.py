@@ -138,6 +138,14 @@ class ShardRunner:
 # --- running the shards ----------------------------------------------------------------------
 
 
+def _restore_decord_bridge() -> None:
+    """video2dataset's dataloader sets decord's process-wide bridge to torch when it is imported;
+    everything else in this process reads frames as decord NDArrays (`.asnumpy()`), so put it back."""
+    import decord
+
+    decord.bridge.set_bridge("native")
+
+
 def make_worker(shards: str, column_list: list[str], *, clip_size: int, samples_per_shard: int, threads: int,
                 timeout_s: float, max_bytes: int, proxy_url: str, tmp_dir: str) -> Any:
     """video2dataset's DownloadWorker (webdataset shards, no caption) with the parts above in place."""
@@ -156,6 +164,7 @@ def make_worker(shards: str, column_list: list[str], *, clip_size: int, samples_
     worker.data_reader.webfile_downloader = CheckedDownloader(proxy_url, timeout_s + 5.0, max_bytes, tmp_dir)
     worker.data_reader.yt_downloader = NoYtDlp()
     worker.clipping_subsampler = ClipAndResize(clip_size, tmp_dir)
+    _restore_decord_bridge()
     return worker
 
 
@@ -279,6 +288,7 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
     """
     from video2dataset.input_sharder import InputSharder
 
+    _restore_decord_bridge()
     work, shards, tmp_dir = join(out, "_work"), join(out, "shards"), _local_tmp(out)
     fs, _ = fsspec.core.url_to_fs(out)
     fs.makedirs(shards, exist_ok=True)
