@@ -69,7 +69,8 @@ def cmd_data_images(args: argparse.Namespace) -> int:
     from pipelines.flows.images import image_data
 
     image_data(metadata=[str(p) for p in args.metadata], out=str(args.out), preset=args.preset,
-               config=str(args.config) if args.config else None, overrides=args.overrides, overwrite=args.overwrite)
+               config=str(args.config) if args.config else None, overrides=args.overrides, overwrite=args.overwrite,
+               retry_failed=args.retry_failed)
     return 0
 
 
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("metadata", nargs="+", type=Path, help="parquet file(s) with URL, TEXT, ... columns")
     d.add_argument("--out", type=Path, required=True, help="dataset folder (local path or fsspec URL)")
     d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
+    d.add_argument("--retry-failed", action="store_true",
+                   help="fetch the rows whose download failed once more (into new shards); refusals are kept")
     d.set_defaults(func=cmd_data_images)
     d = data_sub.add_parser("videos", help="download WebVid / HD-VILA videos and clips into webdataset shards",
                             description="Read WebVid-10M CSV and HD-VILA-100M JSONL metadata, download through the "

@@ -161,3 +161,55 @@ def test_real_laion_rows_rewritten_to_loopback(world, shared_data, tmp_path):
     assert set(written) <= set(range(len(served)))
     assert all(outcomes[i][0] in ("failed", "filtered") for i in range(len(served), 1000))
     assert all(url.startswith(server.url) for url in rewritten.column("URL").to_pylist())
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Fails the first request for each path with a 503, then serves the toy image."""
+
+    seen: set[str] = set()
+    image: bytes = b""
+
+    def do_GET(self):  # noqa: N802 - stdlib name
+        if self.path.startswith("/missing"):
+            self.send_error(404)
+            return
+        if self.path not in self.seen:
+            self.seen.add(self.path)
+            self.send_error(503)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(self.image)))
+        self.end_headers()
+        self.wfile.write(self.image)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_retry_failed_fetches_only_the_failed_rows_again(world, tmp_path):
+    root, _ = world
+    _Flaky.image = next((root / "files" / "images").glob("img*.jpg")).read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/a.jpg", f"{base}/b.jpg", f"{base}/missing.jpg"]
+        meta = tmp_path / "meta.parquet"
+        pq.write_table(pa.table({"URL": urls, "TEXT": ["a red circle"] * 3, "WIDTH": [64] * 3,
+                                 "HEIGHT": [64] * 3}), meta)
+        out = tmp_path / "out"
+        first = build_image_dataset([str(meta)], str(out), IMAGES, POLICY)
+        assert first["counts"] == {"failed:http_404": 1, "failed:http_error": 2}
+        again = build_image_dataset([str(meta)], str(out), IMAGES, POLICY, retry_failed=True)
+        assert again["counts"] == {"failed:http_404": 1, "written": 2}
+        assert again["egress"]["retried"] == 3
+        outcomes = _outcomes(out)
+        assert [outcomes[i][0] for i in range(3)] == ["written", "written", "failed"]
+        keys = _keys(out)
+        assert len(keys) == len(set(keys)) == 2  # the failed attempts left no sample behind
+        # A plain rerun keeps the retried outcomes (resume never goes backwards).
+        assert build_image_dataset([str(meta)], str(out), IMAGES, POLICY)["counts"] == again["counts"]
+    finally:
+        server.shutdown()
+        server.server_close()

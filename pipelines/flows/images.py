@@ -42,10 +42,11 @@ def filter_step(table: pa.Table, cfg: ImageDataConfig, out: str) -> pa.Table:
 
 
 @task(name="download-images")
-def download_step(kept: pa.Table, cfg: ImageDataConfig, policy: UrlPolicy, out: str) -> tuple[pa.Table, dict]:
+def download_step(kept: pa.Table, cfg: ImageDataConfig, policy: UrlPolicy, out: str,
+                  retry_failed: bool = False) -> tuple[pa.Table, dict]:
     return download_images(kept, out, image_size=cfg.image_size, samples_per_shard=cfg.samples_per_shard,
                            processes=cfg.processes, threads=cfg.threads, retries=cfg.retries,
-                           distributor=cfg.distributor, policy=policy)
+                           distributor=cfg.distributor, policy=policy, retry_failed=retry_failed)
 
 
 def _shard_samples(out: str) -> dict[str, int]:
@@ -58,15 +59,16 @@ def _shard_samples(out: str) -> dict[str, int]:
 
 
 def build_image_dataset(metadata: list[str], out: str, cfg: ImageDataConfig, policy: UrlPolicy,
-                        overwrite: bool = False) -> dict:
-    """The flow's body: Prefect tasks inside a flow run, plain functions elsewhere (tests, scripts)."""
+                        overwrite: bool = False, retry_failed: bool = False) -> dict:
+    """The flow's body: Prefect tasks inside a flow run, plain functions elsewhere (tests, scripts).
+    `retry_failed`: fetch the rows whose download failed once more (a resumed dataset only grows)."""
     settings = {"images": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json")}
     inputs_hash = hash_inputs(metadata)
     open_job(out, kind="images", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
     table = run_step(read_metadata, metadata)
     filtered = run_step(filter_step, table, cfg, out)
     kept, dropped = split_kept(filtered)
-    fetched, egress = run_step(download_step, kept, cfg, policy, out)
+    fetched, egress = run_step(download_step, kept, cfg, policy, out, retry_failed)
     filtered_rows = pa.table({
         "row_id": dropped["row_id"], "key": dropped["URL"], "status": dropped["status"],
         "reason": dropped["reason"], "shard": pa.nulls(len(dropped), pa.string()),
@@ -85,10 +87,10 @@ def build_image_dataset(metadata: list[str], out: str, cfg: ImageDataConfig, pol
 
 @flow(name="image-data", log_prints=True)
 def image_data(metadata: list[str], out: str, preset: str = "toy", config: str | None = None,
-               overrides: list[str] | None = None, overwrite: bool = False) -> dict:
+               overrides: list[str] | None = None, overwrite: bool = False, retry_failed: bool = False) -> dict:
     """Filter LAION-style metadata and download the kept rows into webdataset shards with a manifest."""
     cfg = load_config(preset, config, overrides or [])
-    manifest = build_image_dataset(metadata, out, cfg.data.images, cfg.data.network, overwrite)
+    manifest = build_image_dataset(metadata, out, cfg.data.images, cfg.data.network, overwrite, retry_failed)
     get_run_logger().info("image dataset at %s", out)
     print(f"image dataset {out}: {manifest['rows']} rows\n" + format_counts(manifest["counts"], manifest["rows"]))
     return manifest

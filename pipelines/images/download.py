@@ -56,7 +56,8 @@ def _distributor(name: str) -> str:
 
 
 def run_img2dataset(url_list: str, shards: str, *, image_size: int, samples_per_shard: int, processes: int,
-                    threads: int, retries: int, timeout: float, distributor: str, proxy_env: dict[str, str]) -> None:
+                    threads: int, retries: int, timeout: float, distributor: str, proxy_env: dict[str, str],
+                    incremental_mode: str = "incremental") -> None:
     import img2dataset  # heavy import, only where downloads happen
 
     dist = _distributor(distributor)
@@ -72,7 +73,7 @@ def run_img2dataset(url_list: str, shards: str, *, image_size: int, samples_per_
             save_additional_columns=["row_id"], output_format="webdataset", output_folder=shards,
             image_size=image_size, resize_mode="center_crop", resize_only_if_bigger=False,
             processes_count=processes, thread_count=threads, number_sample_per_shard=samples_per_shard,
-            timeout=max(1, int(timeout)), retries=retries, distributor=dist, incremental_mode="incremental",
+            timeout=max(1, int(timeout)), retries=retries, distributor=dist, incremental_mode=incremental_mode,
             enable_wandb=False, extract_exif=False, compute_hash="sha256", disallowed_header_directives=[],
         )
 
@@ -95,14 +96,29 @@ def collect_outcomes(shards: str) -> pa.Table:
             "shard": pc.if_else(ok, pa.scalar(f"{shard}.tar"), pa.scalar(None, pa.string())),
             "sample_key": pc.if_else(ok, part["key"], pa.scalar(None, pa.string())),
         }, schema=OUTCOME_SCHEMA))
-    return pa.concat_tables(tables) if tables else OUTCOME_SCHEMA.empty_table()
+    if not tables:
+        return OUTCOME_SCHEMA.empty_table()
+    outcomes = pa.concat_tables(tables)
+    # A row retried on request sits in a later shard too: its latest outcome (shards in order) wins.
+    latest = {row_id: i for i, row_id in enumerate(outcomes.column("row_id").to_pylist())}
+    return outcomes.take(pa.array(sorted(latest.values()), pa.int64()))
+
+
+def retry_rows(to_fetch: pa.Table, shards: str) -> pa.Table:
+    """The rows of `to_fetch` whose latest outcome is a failed download (refusals are policy, not retried)."""
+    current = collect_outcomes(shards)
+    failed = current.filter(pc.equal(current["status"], "failed"))
+    return to_fetch.filter(pc.is_in(to_fetch["row_id"], failed["row_id"]))
 
 
 def download_images(kept: pa.Table, out: str, *, image_size: int, samples_per_shard: int, processes: int,
-                    threads: int, retries: int, distributor: str, policy: UrlPolicy) -> tuple[pa.Table, dict]:
+                    threads: int, retries: int, distributor: str, policy: UrlPolicy,
+                    retry_failed: bool = False) -> tuple[pa.Table, dict]:
     """Download `kept` (URL, TEXT, row_id) into `out`/shards; returns (outcomes, egress record).
 
-    Refused URLs never reach img2dataset; they are `failed` with reason `refused`.
+    Refused URLs never reach img2dataset; they are `failed` with reason `refused`. `retry_failed`:
+    after the normal (resuming) pass, the rows whose download failed are fetched once more into new
+    shards (img2dataset's "extend" mode); a row's latest outcome is the one recorded.
     """
     reasons = decide_urls(kept["URL"].to_pylist(), policy)
     allowed = pa.array([r is None for r in reasons])
@@ -113,14 +129,21 @@ def download_images(kept: pa.Table, out: str, *, image_size: int, samples_per_sh
     fs.makedirs(join(out, "_work"), exist_ok=True)
     with fsspec.open(url_list, "wb") as fh:
         pq.write_table(to_fetch, fh)
-    egress: dict = {"refused": [], "cut": []}
+    egress: dict = {"refused": [], "cut": [], "retried": 0}
     if len(to_fetch):
         with EgressProxy(policy) as proxy:
-            run_img2dataset(url_list, join(out, "shards"), image_size=image_size,
-                            samples_per_shard=samples_per_shard, processes=processes, threads=threads,
-                            retries=retries, timeout=policy.timeout_s, distributor=distributor,
-                            proxy_env=proxy.env())
-            egress = {"refused": list(proxy.refusals), "cut": list(proxy.cutoffs)}
+            fetch = functools.partial(run_img2dataset, shards=join(out, "shards"), image_size=image_size,
+                                      samples_per_shard=samples_per_shard, processes=processes, threads=threads,
+                                      retries=retries, timeout=policy.timeout_s, distributor=distributor,
+                                      proxy_env=proxy.env())
+            fetch(url_list)
+            again = retry_rows(to_fetch, join(out, "shards")) if retry_failed else to_fetch.slice(0, 0)
+            if len(again):
+                retry_list = join(out, "_work", "retry.parquet")
+                with fsspec.open(retry_list, "wb") as fh:
+                    pq.write_table(again, fh)
+                fetch(retry_list, incremental_mode="extend")
+            egress = {"refused": list(proxy.refusals), "cut": list(proxy.cutoffs), "retried": len(again)}
     fetched = collect_outcomes(join(out, "shards"))
     refused_rows = pa.table({
         "row_id": refused["row_id"], "key": refused["URL"],
