@@ -82,7 +82,7 @@ def cmd_data_videos(args: argparse.Namespace) -> int:
         raise ConfigError("mav data videos: give at least one --webvid CSV or --hdvila JSONL")
     video_data(sources=sources, out=str(args.out), preset=args.preset,
                config=str(args.config) if args.config else None, overrides=args.overrides,
-               overwrite=args.overwrite, rewrite_base=args.rewrite_base)
+               overwrite=args.overwrite, rewrite_base=args.rewrite_base, retry_failed=args.retry_failed)
     return 0
 
 
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rewrite-base", metavar="URL",
                    help="point every URL at this loopback mirror first (tests, demos: never the real hosts)")
     d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
+    d.add_argument("--retry-failed", action="store_true",
+                   help="fetch the failed downloads once more (into new shards); refusals are kept")
     d.set_defaults(func=cmd_data_videos)
 
     from pipelines.flows.evaluate import add_evaluate_commands

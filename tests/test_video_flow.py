@@ -306,3 +306,50 @@ def test_building_leaves_decord_returning_its_own_arrays(shared_data, tmp_path):
                 timeout_s=1.0, max_bytes=1000, proxy_url="http://127.0.0.1:9", tmp_dir=str(tmp_path))
     batch = decord.VideoReader(str(shared_data / "test_video.mp4")).get_batch([0])
     assert hasattr(batch, "asnumpy")
+
+
+class _FlakyVideo(SimpleHTTPRequestHandler):
+    """A 503 on the first request for each path, the file on later ones."""
+
+    def do_GET(self) -> None:
+        seen = self.server.seen  # type: ignore[attr-defined]
+        if self.path not in seen and not self.path.startswith("/missing"):
+            seen.add(self.path)
+            self.send_error(503)
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+def test_retry_failed_fetches_only_the_failed_downloads_again(world, tmp_path):
+    root, _ = world
+    files = tmp_path / "files"
+    files.mkdir()
+    truth = pq.read_table(root / "ground_truth.parquet").to_pandas()
+    good = truth[(truth.source == "webvid") & (truth.expected == "ok")].url_path.iloc[0]
+    shutil.copy(root / good.lstrip("/"), files / "a.mp4")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_FlakyVideo, directory=str(files)))
+    server.seen = set()  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        csv_path = tmp_path / "webvid.csv"
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"])
+            writer.writerow([1, "a caption", 1, "d", "PT00H00M04S", f"{base}/a.mp4"])
+            writer.writerow([2, "a caption", 1, "d", "PT00H00M04S", f"{base}/missing.mp4"])
+        out = tmp_path / "out"
+        first = build_video_dataset([("webvid", str(csv_path))], str(out), CFG, LOOPBACK, distributor="local")
+        assert first["counts"] == {"failed:http_404": 1, "failed:http_error": 1}
+        again = build_video_dataset([("webvid", str(csv_path))], str(out), CFG, LOOPBACK, distributor="local",
+                                    retry_failed=True)
+        assert again["counts"] == {"failed:http_404": 1, "written": 1}
+        assert again["egress"]["retried"] == 2
+        keys = [s["__key__"] for s in _samples(out, again)]
+        assert len(keys) == len(set(keys)) == 1
+    finally:
+        server.shutdown()
+        server.server_close()

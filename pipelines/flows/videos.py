@@ -59,14 +59,15 @@ def read_sources(sources: list[tuple[str, str]], rewrite_base: str | None = None
 
 @task(name="download-videos", log_prints=False)  # video2dataset prints a line per failed row: kept out of the logs
 def download_task(rows: pa.Table, cfg: VideoDataConfig, policy: UrlPolicy, out: str,
-                  distributor: str) -> tuple[pa.Table, dict, dict[str, int]]:
+                  distributor: str, retry_failed: bool = False) -> tuple[pa.Table, dict, dict[str, int]]:
     return download_videos(rows, out, clip_size=cfg.clip_size, samples_per_shard=cfg.samples_per_shard,
                            processes=cfg.processes, threads=cfg.threads, retries=cfg.retries, policy=policy,
-                           distributor=distributor)
+                           distributor=distributor, retry_failed=retry_failed)
 
 
 def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoDataConfig, policy: UrlPolicy,
-                        overwrite: bool = False, distributor: str | None = None, rewrite_base: str | None = None) -> dict:
+                        overwrite: bool = False, distributor: str | None = None, rewrite_base: str | None = None,
+                        retry_failed: bool = False) -> dict:
     """The flow's body, callable without Prefect (tests, other flows). Returns the manifest.
 
     distributor: auto | local | multiprocessing | ray (see videos.download.resolve_distributor);
@@ -80,7 +81,7 @@ def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoData
     inputs_hash = hash_inputs(inputs)
     open_job(out, kind="videos", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
     rows = run_step(read_sources, sources, rewrite_base)
-    outcomes, egress, samples = run_step(download_task, rows, cfg, policy, out, distributor)
+    outcomes, egress, samples = run_step(download_task, rows, cfg, policy, out, distributor, retry_failed)
     fs, root = fsspec.core.url_to_fs(join(out, "shards"))
     shards = shard_entries(fs, root, list(samples), samples)
     for entry in shards:
@@ -96,11 +97,12 @@ def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoData
 
 @flow(name="video-data", log_prints=True)
 def video_data(sources: list[tuple[str, str]], out: str, preset: str = "toy", config: str | None = None,
-               overrides: list[str] | None = None, overwrite: bool = False, rewrite_base: str | None = None) -> dict:
+               overrides: list[str] | None = None, overwrite: bool = False, rewrite_base: str | None = None,
+               retry_failed: bool = False) -> dict:
     """Download WebVid videos and HD-VILA clips into webdataset shards of unlabeled clips with a manifest."""
     cfg = load_config(preset, config, overrides or [])
     manifest = build_video_dataset(sources, out, cfg.data.videos, cfg.data.network, overwrite,
-                                   rewrite_base=rewrite_base)
+                                   rewrite_base=rewrite_base, retry_failed=retry_failed)
     if FlowRunContext.get() is not None:
         get_run_logger().info("video dataset at %s", out)
     print(f"video dataset {out}: {manifest['rows']} rows\n" + format_counts(manifest["counts"], manifest["rows"]))

@@ -278,13 +278,25 @@ def _local_tmp(out: str) -> str:
     return os.path.join(tempfile.gettempdir(), "mav-videos-" + uuid.uuid5(uuid.NAMESPACE_URL, out).hex[:12])
 
 
+def retry_jobs(jobs: pa.Table, outcomes: pa.Table) -> pa.Table:
+    """The download jobs to fetch again on request: every row failed, for a reason that another try
+    can change (refusals are policy, a span past the video's end is a fact), and none was written."""
+    final = {"refused", "span_past_end"}
+    state = {r: (s, why) for r, s, why in zip(*(outcomes[c].to_pylist() for c in ("row_id", "status", "reason")))}
+    keep = [bool(ids) and all(state.get(r, ("", None))[0] == "failed" and state[r][1] not in final for r in ids)
+            for ids in jobs["row_ids"].to_pylist()]
+    return jobs.filter(pa.array(keep, pa.bool_()))
+
+
 def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_shard: int, processes: int,
                     policy: UrlPolicy, threads: int = 4, distributor: str = "auto",
-                    retries: int = 1) -> tuple[pa.Table, dict, dict[str, int]]:
+                    retries: int = 1, retry_failed: bool = False) -> tuple[pa.Table, dict, dict[str, int]]:
     """Fetch, cut and resize the ok reader rows (with row_id) into `out`/shards.
 
     Returns (outcomes for every row, egress record, samples per done shard). Rows invalid at read
     time are `filtered` with the reader's reason; refused URLs `failed`/`refused` without a connection.
+    `retry_failed`: after the normal (resuming) pass, the failed downloads are fetched once more into
+    new shards numbered after the existing ones; a row's latest outcome is the one recorded.
     """
     from video2dataset.input_sharder import InputSharder
 
@@ -299,7 +311,16 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
     sharder = InputSharder(join(work, "to_download.parquet"), "parquet", "url", None, "clips",
                            ["row_id", "row_ids", "dropped_row_ids", "dropped_reasons"], samples_per_shard,
                            done_shards(shards), join(work, "v2d_input"))
-    egress: dict = {"refused": [], "cut": [], "hosts": []}
+    egress: dict = {"refused": [], "cut": [], "hosts": [], "retried": 0}
+    again = retry_jobs(jobs, collect_outcomes(shards, plan)[0]) if retry_failed and len(jobs) else jobs.slice(0, 0)
+    if len(again):
+        # Retry shards go after every existing shard: the sharder numbers from 0, so shift its ids.
+        with fs.open(join(work, "retry.parquet"), "wb") as fh:
+            pq.write_table(again, fh)
+        offset = max(done_shards(shards), default=-1) + 1
+        retry_sharder = InputSharder(join(work, "retry.parquet"), "parquet", "url", None, "clips",
+                                     ["row_id", "row_ids", "dropped_row_ids", "dropped_reasons"],
+                                     samples_per_shard, set(), join(work, f"v2d_retry_{offset}"))
     if len(jobs):
         fs.makedirs(join(work, "v2d_input"), exist_ok=True)
         os.makedirs(tmp_dir, exist_ok=True)
@@ -311,7 +332,12 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
             runner = ShardRunner(worker, {**proxy.env(), "TMPDIR": tmp_dir}, tmp_dir)
             run_shards(runner, pending, resolve_distributor(distributor, len(pending), processes), processes,
                        retries)
+            if len(again):
+                fs.makedirs(join(work, f"v2d_retry_{offset}"), exist_ok=True)
+                shifted = [(path, shard_id + offset) for path, shard_id in retry_sharder]
+                run_shards(runner, shifted, resolve_distributor(distributor, len(shifted), processes), processes,
+                           retries)
             egress = {"refused": list(proxy.refusals), "cut": list(proxy.cutoffs),
-                      "hosts": sorted({urlsplit(u).netloc for u in proxy.forwarded})}
+                      "hosts": sorted({urlsplit(u).netloc for u in proxy.forwarded}), "retried": len(again)}
     outcomes, samples = collect_outcomes(shards, plan)
     return outcomes, egress, samples
