@@ -1,7 +1,6 @@
 """prefect.yaml: every deployment points at a real flow whose parameters it names correctly."""
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from pathlib import Path
 
@@ -12,11 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _flow(entrypoint: str) -> Flow:
+    """The flow as Prefect's own loader finds it (what a worker does with the entrypoint)."""
+    from prefect.flows import load_flow_from_entrypoint
+
     path, name = entrypoint.split(":")
-    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
+    return load_flow_from_entrypoint(f"{ROOT / path}:{name}")
 
 
 def test_deployments_name_real_flows_and_parameters():
