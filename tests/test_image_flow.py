@@ -213,3 +213,45 @@ def test_retry_failed_fetches_only_the_failed_rows_again(world, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+KILL_DRIVER = """
+import sys
+from pipelines.config import ImageDataConfig
+from pipelines.flows.images import build_image_dataset
+from pipelines.safety import UrlPolicy
+
+policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20)
+cfg = ImageDataConfig(image_size=32, samples_per_shard=8, processes=1, threads=2, retries=0)
+build_image_dataset([sys.argv[1]], sys.argv[2], cfg, policy)
+"""
+
+
+def test_a_real_kill_mid_flow_then_resume_matches_an_uninterrupted_run(world, tmp_path):
+    """SIGKILL the flow's process group once the first shard is done; the rerun finishes the job and
+    ends exactly where an uninterrupted run ends (same outcomes, same samples, no duplicates)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = world
+    meta, out = str(root / "laion.parquet"), tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, meta, str(out)], start_new_session=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + 240
+    while not list((out / "shards").glob("*_stats.json")):
+        assert proc.poll() is None, "the flow ended before it could be killed"
+        assert time.monotonic() < deadline, "no shard finished in time"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    cfg = IMAGES.model_copy(update={"samples_per_shard": 8, "threads": 2})
+    resumed = build_image_dataset([meta], str(out), cfg, POLICY)
+    clean = build_image_dataset([meta], str(tmp_path / "clean"), cfg, POLICY)
+    assert resumed["counts"] == clean["counts"]
+    assert _outcomes(out) == _outcomes(tmp_path / "clean")
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == clean["counts"]["written"]
