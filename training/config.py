@@ -68,8 +68,9 @@ def train_preset(name: str) -> TrainConfig:
             "decoder": StageTrainConfig(steps=400, batch_size=16, sample_every=400, **common),
             "temporal": StageTrainConfig(steps=200, batch_size=4, sample_every=200, **common),
             "interpolation": StageTrainConfig(steps=150, batch_size=4, sample_every=150, **common),
-            "sr_low": StageTrainConfig(steps=100, batch_size=4, sample_every=100, **common),
-            "sr_high": StageTrainConfig(steps=150, batch_size=8, sample_every=150, **common),
+            # The SR stages cost the most per sample on a CPU (64 px video, 128 px frames): fewer, smaller steps.
+            "sr_low": StageTrainConfig(steps=60, batch_size=2, sample_every=60, **common),
+            "sr_high": StageTrainConfig(steps=80, batch_size=4, sample_every=80, **common),
         }
         return TrainConfig(**stages)
     if name == "paper":
