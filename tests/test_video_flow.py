@@ -9,7 +9,6 @@ import csv
 import functools
 import io
 import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -276,18 +275,10 @@ def test_real_video_cut_into_hdvila_spans(shared_data, tmp_path):
         assert json.loads(by_key[outcome["sample_key"]]["json"])["clips"] == [[start, end]]
 
 
-@pytest.mark.skipif(not os.environ.get("MAV_TEST_RAY"), reason="set MAV_TEST_RAY=1: a local Ray cluster plus "
-                    "video2dataset's import in each Ray worker costs about a minute on a busy 2-core box")
-def test_ray_distributor_runs_each_shard_as_a_task(world, tmp_path):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        root, _ = world
-        sources = [("webvid", str(root / "webvid.csv")), ("hdvila", str(root / "hdvila.jsonl"))]
-        manifest = build_video_dataset(sources, str(tmp_path / "ray"), CFG, LOOPBACK, distributor="ray")
-    finally:
-        ray.shutdown()
+def test_ray_distributor_runs_each_shard_as_a_task(world, tmp_path, ray_session):
+    root, _ = world
+    sources = [("webvid", str(root / "webvid.csv")), ("hdvila", str(root / "hdvila.jsonl"))]
+    manifest = build_video_dataset(sources, str(tmp_path / "ray"), CFG, LOOPBACK, distributor="ray")
     expected = Counter(f"{s}:{r}" if r else s for _, (s, r) in _expected_by_row(root))
     assert manifest["counts"] == dict(expected)
     _check_shards(tmp_path / "ray", manifest, CFG.clip_size)
