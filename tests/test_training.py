@@ -348,3 +348,23 @@ def test_train_command_and_stage_order() -> None:
     assert stages_for(["sr_high", "prior", "temporal"], cascade) == ["prior", "temporal", "sr_high"]
     with pytest.raises(ValueError, match="unknown stages"):
         stages_for(["decoderr"], cascade)
+
+
+def test_a_stopped_stage_is_not_resumed_with_other_settings(tmp_path):
+    """Resuming into a stopped attempt's run and checkpoints with changed settings would mix two
+    trainings (MLflow itself refuses changed params deep inside the workers): a clear error first."""
+    import json as _json
+
+    from pipelines.config import load_config
+    from training.jobs import run_stage
+
+    images = tmp_path / "images"
+    (images / "shards").mkdir(parents=True)
+    (images / "shards" / "00000.tar").write_bytes(b"")
+    (images / "manifest.json").write_text(_json.dumps({"kind": "images", "shards": [
+        {"name": "shards/00000.tar", "samples": 1}]}))
+    folder = tmp_path / "run" / "clip"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(_json.dumps({"run_id": "0" * 32, "settings": "other"}))
+    with pytest.raises(ValueError, match="other settings"):
+        run_stage("clip", load_config("tiny"), images=str(images), run_root=str(tmp_path / "run"))

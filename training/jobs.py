@@ -20,6 +20,7 @@ The driver opens each stage's MLflow run and hands its id to the workers; rank 0
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -82,14 +83,28 @@ def _finished(folder: Path) -> StageResult | None:
     return result if Path(result.weights_path).is_file() else None
 
 
-def _stage_run(folder: Path, tracker: MlflowTracker, stage: str, parent_run_id: str | None) -> str:
-    """The stage's MLflow run: the one a stopped attempt left in run.json, else a new child run."""
+def _settings_hash(stage: str, cfg: Any, data: str) -> str:
+    """What a resumed attempt must share with the stopped one: the stage's network and training config."""
+    cascade, train_cfg = _configs(cfg)
+    settings = {"cascade": cascade.model_dump(mode="json"), "train": train_cfg.stage(stage).model_dump(mode="json"),
+                "data": data}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _stage_run(folder: Path, tracker: MlflowTracker, stage: str, parent_run_id: str | None, settings: str) -> str:
+    """The stage's MLflow run: the one a stopped attempt left in run.json, else a new child run.
+    A stopped attempt with other settings is not resumed into (its checkpoints and logged params
+    belong to those settings): that is an error asking for --force."""
     record = folder / "run.json"
     if record.is_file():
-        return tracker.start(stage, resume_run_id=json.loads(record.read_text())["run_id"])
+        stopped = json.loads(record.read_text())
+        if stopped.get("settings") not in (None, settings):
+            raise ValueError(f"stage {stage!r} was started with other settings (config or data) in {folder}; "
+                             "rerun with force (mav train --force) to start it over, or use another run folder")
+        return tracker.start(stage, resume_run_id=stopped["run_id"])
     run_id = tracker.start(stage, parent_run_id=parent_run_id, tags={"stage": stage})
     folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"run_id": run_id}))
+    record.write_text(json.dumps({"run_id": run_id, "settings": settings}))
     return run_id
 
 
@@ -156,7 +171,7 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
     tracking_uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, str(root))
     _check_sources({dep: "mlflow" for dep in requires(stage, cascade)}, tracking_uri)
     tracker = MlflowTracker(tracking_uri, experiment or train_cfg.experiment)
-    run_id = _stage_run(folder, tracker, stage, parent_run_id)
+    run_id = _stage_run(folder, tracker, stage, parent_run_id, _settings_hash(stage, cfg, data))
     config = job_config(stage, cfg, data, str(root), tracking_uri=tracking_uri, experiment=tracker.experiment,
                         run_id=run_id, split=split)
     try:
