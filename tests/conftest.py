@@ -42,3 +42,16 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served_world(tmp_path_factory):
+    """The tiny toy world, served on a free 127.0.0.1 port (slow rows wait 3 s) with its metadata
+    rebased to that port: (root, server)."""
+    from pipelines.world import generate_world, rebase_world, serve_world, world_preset
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, world_preset("tiny"))
+    with serve_world(root, port=0, slow_seconds=3.0) as server:
+        rebase_world(root, server.url)
+        yield root, server

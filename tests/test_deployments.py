@@ -27,6 +27,7 @@ from prefect.utilities.schema_tools import validate
 from pipelines.config import load_config
 from pipelines.manifest import read_manifest
 from pipelines.world import rebase_world, serve_world, world_preset
+from _procs import kill_session, session_pids
 
 pytestmark = pytest.mark.slow
 
@@ -53,20 +54,6 @@ def _spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) ->
                                 start_new_session=True)
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Live (not zombie) processes of session `sid`: a child started with start_new_session=True and
-    everything it started (uvicorn, flow runs, their download processes)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, IndexError):
-            continue
-        if int(session) == sid and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _stop(proc: subprocess.Popen, grace: float = 20) -> None:
     """SIGTERM the process's group, then SIGKILL whatever is left of its session."""
     try:
@@ -74,16 +61,9 @@ def _stop(proc: subprocess.Popen, grace: float = 20) -> None:
         proc.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
-    deadline = time.monotonic() + 10
-    while (pids := _session_pids(proc.pid)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
+    kill_session(proc.pid)
     proc.wait()
-    assert not _session_pids(proc.pid), f"processes outlived {proc.args}: {_session_pids(proc.pid)}"
+    assert not session_pids(proc.pid), f"processes outlived {proc.args}: {session_pids(proc.pid)}"
 
 
 def _cli(*args: str, env: dict[str, str]) -> str:

@@ -19,9 +19,8 @@ import webdataset as wds
 
 from pipelines.config import ImageDataConfig
 from pipelines.flows.images import build_image_dataset
-from pipelines.manifest import ManifestError, read_manifest
+from pipelines.manifest import ManifestError
 from pipelines.safety import UrlPolicy
-from pipelines.world import generate_world, rebase_world, serve_world, world_preset
 
 # What each ground-truth category must become: (status, reason).
 EXPECTED = {
@@ -34,12 +33,8 @@ IMAGES = ImageDataConfig(image_size=32, samples_per_shard=16, processes=1, threa
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, world_preset("tiny"))
-    with serve_world(root, port=0, slow_seconds=3.0) as server:
-        rebase_world(root, server.url)
-        yield root, server
+def world(served_world):
+    return served_world
 
 
 def _outcomes(out: Path) -> dict[int, tuple[str, str | None]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.world import generate_world, rebase_world, serve_world, world_preset
+from _procs import kill_session, session_pids
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ class RayCluster:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass  # `ray start --block` and the gcs can outlive a SIGTERM
-            _kill_session(proc.pid)
+            kill_session(proc.pid)
             proc.wait()
 
     def leftovers(self) -> list[int]:
@@ -97,31 +97,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (not zombie) processes of session `sid`: a child started with start_new_session=True and
-    everything it started, whatever process groups they made."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, IndexError):
-            continue
-        if int(session) == sid and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _kill_session(sid: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while (pids := session_pids(sid)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +179,8 @@ IMAGE_DRIVER = """
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, world_preset("tiny"))
-    with serve_world(root, port=0, slow_seconds=3.0) as server:
-        rebase_world(root, server.url)
-        yield root
+def world(served_world):
+    return served_world[0]
 
 
 @pytest.fixture(scope="module")
