@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+from _shared import SHARED_DATA
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import decord
 import numpy as np
 import pytest
+from _shared import shared_file
 import torch
 
 from training.loaders.clips import (
@@ -21,15 +22,11 @@ from training.loaders.clips import (
     sample_fps,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VIDEO = DATA / "test_video.mp4"
 FFMPEG = shutil.which("ffmpeg") or "/usr/bin/ffmpeg"
 
 
 def _real_video() -> Path:
-    if not VIDEO.exists():
-        pytest.skip(f"real test video not found at {VIDEO}")
-    return VIDEO
+    return shared_file("test_video.mp4")
 
 
 def _ffmpeg(*args: str) -> None:

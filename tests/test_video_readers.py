@@ -9,6 +9,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from _shared import shared_file
 
 from pipelines.videos.readers import (
     VIDEO_ROWS_SCHEMA,
@@ -21,15 +22,11 @@ from pipelines.videos.readers import (
     rewritten_path,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WEBVID_CSV = DATA / "test_webvid.csv"
 BASE = "http://127.0.0.1:8765"
 
 
 def _real_webvid() -> Path:
-    if not WEBVID_CSV.exists():
-        pytest.skip(f"real WebVid sample not found at {WEBVID_CSV}")
-    return WEBVID_CSV
+    return shared_file("test_webvid.csv")
 
 
 def test_real_webvid_rows_are_normalised_and_ok():

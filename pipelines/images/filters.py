@@ -116,7 +116,7 @@ def _numeric(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
     column = table.column(name)
     try:
         return pc.cast(column, pa.float64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+    except pa.ArrowException as err:  # invalid values or a type with no cast to float
         raise ValueError(f"column {name}: cannot read {column.type} as a number") from err
 
 
