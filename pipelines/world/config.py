@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from model.config import ConfigBase
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 # The tokens a toxic-word filter must catch; the world puts one into the TEXT of each "toxic" row
 # and never into any other caption.
@@ -89,6 +89,7 @@ class WorldConfig(ConfigBase):
     backgrounds: dict[str, tuple[int, int, int]] = Field(default_factory=lambda: dict(BACKGROUNDS))
     sizes: dict[str, float] = Field(default_factory=lambda: dict(SIZES))
     motions: tuple[str, ...] = MOTIONS
+    held_out: int = Field(0, ge=0, description="(shape, colour, background) triples no LAION row shows")
     bad_share: float = Field(0.1, ge=0.0, le=0.5, description="share of each source's rows that are bad")
     slow_rows: int = Field(1, ge=0, description="slow rows per source (each costs a downloader timeout)")
     redirect_rows: int = Field(1, ge=0, description="ok rows served through /redirect, per source")
@@ -165,8 +166,12 @@ def _tiny() -> WorldConfig:
 def _toy() -> WorldConfig:
     # Images at 128 px serve sr_high of the toy cascade (128); videos at 128 px, 6-10 s, so that 8
     # frames at fps 1 still fit in a clip.
+    # Shapes larger than the tiny world's, so that at the 32 px base resolution of the toy cascade even a
+    # small one spans ~8 px and its outline (circle, square, triangle, diamond, cross) can be drawn.
+    # 12 of the 140 drawable (shape, colour, background) triples never appear in a caption (held out).
     return WorldConfig(n_images=3000, n_videos=200, n_hdvila_videos=40, clips_per_video=3,
-                       image_size=128, video_size=128, video_seconds=(6, 10), bad_share=0.05, slow_rows=2)
+                       image_size=128, video_size=128, video_seconds=(6, 10), bad_share=0.05, slow_rows=2,
+                       sizes={"small": 0.13, "medium": 0.16, "large": 0.19}, held_out=12)
 
 
 def _paper() -> WorldConfig:

@@ -40,11 +40,17 @@ OUTPUTS = ("world.json", "laion.parquet", "webvid.csv", "hdvila.jsonl", "ground_
 WHERE = {"top left": "at the top left", "top": "at the top", "top right": "at the top right",
          "left": "on the left", "center": "in the center", "right": "on the right",
          "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right"}
+# Like real alt-text, some captions leave out the size or the position: then two images that differ only
+# in their shape have captions that differ only in the shape word, which is what makes a contrastive
+# model learn shape (full captions are told apart by colour, background, size and position alone).
 IMAGE_TEMPLATES = (
     "a {size} {colour} {shape} {where} on a {background} background",
     "a photo of a {size} {colour} {shape} {where}, {background} background",
     "{size} {colour} {shape} {where} against a {background} background",
     "a {colour} {shape}, {size}, {where} on {background}",
+    "a {colour} {shape} on a {background} background",
+    "a {size} {colour} {shape} on {background}",
+    "a photo of a {colour} {shape} {where}, {background} background",
 )
 VIDEO_TEMPLATES = {
     "drift": "a {size} {colour} {shape} drifting {direction} on a {background} background",
@@ -100,14 +106,37 @@ def _plan(rng: np.random.Generator, config: WorldConfig, n: int, bad: tuple[str,
     return [rows[i] for i in rng.permutation(n)]
 
 
-def _scene(rng: np.random.Generator, config: WorldConfig) -> dict:
-    """Shape, colour, size class and a background that differs from the colour."""
-    colour = _pick(rng, config.colours)
+def _backgrounds(config: WorldConfig, colour: str) -> list[str]:
+    """The backgrounds a shape of `colour` is drawn on: those that differ enough from the colour."""
     rgb = np.asarray(config.colours[colour])
-    backgrounds = [b for b, v in config.backgrounds.items()
-                   if b != colour and np.abs(rgb - np.asarray(v)).sum() >= 120] or list(config.backgrounds)
-    return {"shape": _pick(rng, config.shapes), "colour": colour, "size": _pick(rng, config.sizes),
-            "background": _pick(rng, backgrounds)}
+    return [b for b, v in config.backgrounds.items()
+            if b != colour and np.abs(rgb - np.asarray(v)).sum() >= 120] or list(config.backgrounds)
+
+
+def renderable_triples(config: WorldConfig) -> list[tuple[str, str, str]]:
+    """Every (shape, colour, background) triple the world can draw, sorted."""
+    return sorted((s, c, b) for s in config.shapes for c in config.colours for b in _backgrounds(config, c))
+
+
+def held_out_triples(config: WorldConfig) -> set[tuple[str, str, str]]:
+    """The (shape, colour, background) triples no LAION row shows (`config.held_out`, drawn from the
+    world's seed): a text-to-video model can only draw them by composing what it saw apart. Videos,
+    which carry no text, may still show them."""
+    triples = renderable_triples(config)
+    if config.held_out >= len(triples):
+        raise ValueError(f"world.held_out={config.held_out} must leave some of the {len(triples)} triples seen")
+    rng = np.random.default_rng([config.seed, 7])
+    return {triples[i] for i in rng.choice(len(triples), size=config.held_out, replace=False)}
+
+
+def _scene(rng: np.random.Generator, config: WorldConfig, avoid: set[tuple[str, str, str]] = frozenset()) -> dict:
+    """Shape, colour, size class and a background that differs from the colour; never a triple of `avoid`."""
+    while True:
+        colour = _pick(rng, config.colours)
+        scene = {"shape": _pick(rng, config.shapes), "colour": colour, "size": _pick(rng, config.sizes),
+                 "background": _pick(rng, _backgrounds(config, colour))}
+        if (scene["shape"], colour, scene["background"]) not in avoid:
+            return scene
 
 
 def _nearest_position(x: float, y: float) -> str:
@@ -123,9 +152,9 @@ def _url_path(path: str, detail: str, category: str) -> str:
 
 
 def _plan_images(rng: np.random.Generator, config: WorldConfig) -> list[dict]:
-    rows = []
+    rows, avoid = [], held_out_triples(config)
     for i, (category, detail) in enumerate(_plan(rng, config, config.n_images, LAION_BAD, config.redirect_rows)):
-        scene = _scene(rng, config)
+        scene = _scene(rng, config, avoid)
         scene["position"] = _pick(rng, POSITIONS)
         r = config.sizes[scene["size"]] * rng.uniform(0.9, 1.1)
         edge = HALF_EXTENT[scene["shape"]] * r
