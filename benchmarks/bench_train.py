@@ -32,8 +32,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from model.config import cascade_preset  # noqa: E402
-from training.config import train_preset  # noqa: E402
-from training.jobs import fit_stage, job_config, run_local  # noqa: E402
+from training.config import StageTrainConfig, train_preset  # noqa: E402
+from training.jobs import fit_stage, job_config, run_local, worker_cpus  # noqa: E402
 from training.tracking import MlflowTracker, default_tracking_uri  # noqa: E402
 
 STAGE = "decoder"
@@ -103,7 +103,8 @@ def run_ray(cfg: SimpleNamespace, data: Path, run_root: Path) -> dict:
 
 
 def _plain_worker(rank: int, world: int, config: dict, folder: str, port: int, out: str) -> None:
-    torch.set_num_threads(1)  # as Ray gives each 1-CPU worker one thread
+    # As many threads as a Ray Train worker reserves on this machine (training.jobs.worker_cpus).
+    torch.set_num_threads(worker_cpus(StageTrainConfig.model_validate(config["train"]), [os.cpu_count() or 1]))
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
