@@ -57,12 +57,6 @@ class PromptSpec:
         return cls(text, p.shape, p.colour, p.background, p.motion, held_out)
 
 
-def renderable_scenes(world: WorldConfig) -> list[Triple]:
-    """Every triple the world could draw (a background differs from the object's colour by at least 120,
-    sum of RGB, so the object stays visible)."""
-    return renderable_triples(world)
-
-
 def world_config(world_dir: str | Path) -> WorldConfig:
     """The config a generated world was made with (its world.json), so prompts use its vocabulary. Its
     dicts come back in sorted key order (world.json is written sorted), which changes the world's random
@@ -93,7 +87,7 @@ def seen_combinations(world: WorldConfig, world_dir: str | Path | None = None) -
 
 def held_out_combinations(world: WorldConfig, world_dir: str | Path | None = None) -> set[Triple]:
     """Renderable triples that no LAION row of the world contains."""
-    return set(renderable_scenes(world)) - seen_combinations(world, world_dir)
+    return set(renderable_triples(world)) - seen_combinations(world, world_dir)
 
 
 def _draw(rng: np.random.Generator, pool: Sequence[Triple], n: int) -> list[Triple]:
@@ -123,7 +117,7 @@ def prompt_set(world: WorldConfig, n_prompts: int = 8, seed: int = 0, held_out: 
     as many as there are; motions cycle through the world's motions."""
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
-    scenes = renderable_scenes(world)
+    scenes = renderable_triples(world)
     held = sorted(held_out_combinations(world) if held_out is None else {tuple(t) for t in held_out})
     unknown = [t for t in held if t[0] not in world.shapes or t[1] not in world.colours
                or t[2] not in world.backgrounds]
