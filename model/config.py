@@ -49,6 +49,8 @@ class UNetConfig(ConfigBase):
     head_dim: int = Field(32, ge=8)
     cond_dim: int = Field(512, ge=1, description="CLIP image-embedding size")
     cond_tokens: int = Field(4, ge=1, description="tokens the embedding is projected to for cross-attention")
+    cond_map: int = Field(0, ge=0, description="side of a learned spatial map of the embedding, upsampled and "
+                          "added to the first conv's features (where the object goes); 0: off")
     temporal: bool = False
     fps_cond: bool = True
     extra_in_channels: int = Field(0, ge=0, description="interpolation F adds 4: masked RGB + mask")
@@ -132,8 +134,8 @@ class CascadeConfig(ConfigBase):
 
 def _tiny() -> CascadeConfig:
     unet = UNetConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,),
-                      head_dim=8, cond_dim=32, cond_tokens=2)
-    sr = unet.model_copy(update={"lowres_cond": True, "attn_levels": ()})
+                      head_dim=8, cond_dim=32, cond_tokens=2, cond_map=4)
+    sr = unet.model_copy(update={"lowres_cond": True, "attn_levels": (), "cond_map": 0})
     fast = SamplerConfig(name="ddim", steps=4)
     return CascadeConfig(
         shape=CascadeShape(frames=4, frame_skip=2, base_size=16, sr_low_size=32, sr_high_size=64),
@@ -150,8 +152,9 @@ def _tiny() -> CascadeConfig:
 
 def _toy() -> CascadeConfig:
     unet = UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
-                      head_dim=32, cond_dim=64, cond_tokens=4)
-    sr = unet.model_copy(update={"lowres_cond": True, "attn_levels": (), "channel_mult": (1, 2)})
+                      head_dim=32, cond_dim=64, cond_tokens=4, cond_map=8)
+    # The SR stages see the low-res frame: where things go is given; no cond_map.
+    sr = unet.model_copy(update={"lowres_cond": True, "attn_levels": (), "channel_mult": (1, 2), "cond_map": 0})
     sampler = SamplerConfig(name="dpmpp_2m", steps=20, guidance_scale=3.0)
     sr_sampler = SamplerConfig(name="dpmpp_2m", steps=10, noise_aug_level=0.1)
     return CascadeConfig(

@@ -91,6 +91,13 @@ class UNet(nn.Module):
         self.cond_embed = nn.Linear(cfg.cond_dim, emb_dim)
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_tokens * emb_dim)
         self.cond_norm = nn.LayerNorm(emb_dim)
+        # Scale-shift and cross-attention act the same at every pixel (and attention has no positions), so a
+        # layout the embedding names reaches the pixels only through padding effects; a per-position map,
+        # zero at init, gives the embedding a direct say in where things go.
+        self.cond_map = nn.Linear(cfg.cond_dim, widths[0] * cfg.cond_map ** 2) if cfg.cond_map else None
+        if self.cond_map is not None:
+            nn.init.zeros_(self.cond_map.weight)
+            nn.init.zeros_(self.cond_map.bias)
         self.fps_embed = _embedder(cfg.base_channels, emb_dim, zero_last=True) if temporal and cfg.fps_cond else None
         self.noise_embed = _embedder(cfg.base_channels, emb_dim) if cfg.lowres_cond else None
 
@@ -129,14 +136,30 @@ class UNet(nn.Module):
         cfg = self.cfg
         return cfg.in_channels + cfg.extra_in_channels + (cfg.in_channels if cfg.lowres_cond else 0)
 
+    def _cond(self, batch: int, cond_emb: torch.Tensor | None, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+        """The embedding at unit scale per entry: CLIP's unit-norm vectors have entries ~1/sqrt(D), which
+        would start the conditioning far below the time embedding. None = the null condition (zeros)."""
+        cfg = self.cfg
+        if cond_emb is None:
+            return torch.zeros(batch, cfg.cond_dim, device=device, dtype=dtype)
+        return cond_emb.to(dtype) * cfg.cond_dim ** 0.5
+
+    def _layout(self, cond_emb: torch.Tensor | None, h: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        """The cond_map for features h (B*F, C, H, W): (B*F, C, H, W), bilinear from cond_map x cond_map."""
+        side = self.cfg.cond_map
+        cond = self._cond(batch, cond_emb, h.device, h.dtype)
+        grid = self.cond_map(cond).reshape(batch, -1, side, side)
+        grid = Fn.interpolate(grid, size=h.shape[-2:], mode="bilinear", align_corners=False)
+        return grid.repeat_interleave(frames, dim=0) if frames > 1 else grid
+
     def _embed(self, batch: int, t: torch.Tensor, cond_emb: torch.Tensor | None, fps: torch.Tensor | None,
                noise_level: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> embedding (B, E) and cross-attention tokens (B, cond_tokens, E). cond_emb None = the null condition."""
         cfg = self.cfg
         t = torch.as_tensor(t, device=device)
         emb = self.time_embed(sinusoidal_embedding(t.expand(batch) if t.dim() == 0 else t, cfg.base_channels))
-        cond = cond_emb if cond_emb is not None else torch.zeros(batch, cfg.cond_dim, device=device)
-        cond = cond.to(emb.dtype)
+        cond = self._cond(batch, cond_emb, device, emb.dtype)
         emb = emb + self.cond_embed(cond)
         ctx = self.cond_norm(self.cond_proj(cond).reshape(batch, cfg.cond_tokens, self.emb_dim))
         if fps is not None:
@@ -199,6 +222,8 @@ class UNet(nn.Module):
         if frames > 1:
             emb, ctx = emb.repeat_interleave(frames, dim=0), ctx.repeat_interleave(frames, dim=0)
         h = self.conv_in(h, frames, enable_time)
+        if self.cond_map is not None:
+            h = h + self._layout(cond_emb, h, batch, frames)
         skips = [h]
         for block in self.down:
             h = self._run(block, h, emb, ctx, frames, enable_time)

@@ -160,3 +160,19 @@ def test_incompatible_configs_are_refused(nets: dict[str, UNet]) -> None:
         to_interpolation(nets["decoder"])
     with pytest.raises(ValueError, match="lacks"):
         expand_state_dict({k: v for k, v in sd.items() if "mid" not in k}, decoder_cfg, TINY.temporal.net)
+
+
+def test_inflation_keeps_a_trained_cond_map() -> None:
+    """The embedding's spatial map is a 2D weight like any other: Dt applies it to every frame as D does."""
+    cfg = TINY.model_copy(update={"decoder": TINY.decoder.model_copy(
+        update={"net": TINY.decoder.net.model_copy(update={"cond_map": 4})})})
+    torch.manual_seed(0)
+    decoder = build_network("decoder", cfg).eval()
+    torch.nn.init.normal_(decoder.cond_map.weight, std=0.5)
+    temporal = inflate_decoder(decoder)
+    video = torch.randn(B, 3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    _, t, cond, fps = _batch()
+    with torch.no_grad():
+        out = temporal(video, t, cond, fps=fps)
+        for f in range(FRAMES):
+            torch.testing.assert_close(out[:, :, f], decoder(video[:, :, f], t, cond), atol=ATOL, rtol=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import CascadeConfig, cascade_preset
-from model.layers import PseudoConv3d, fold_frames, unfold_frames
+from model.layers import PseudoConv3d, fold_frames, group_count, unfold_frames
 from model.networks import STAGES, build_network, count_parameters
 from model.unet import UNet, apply_per_frame
 
@@ -204,3 +204,36 @@ def test_pseudo_conv_accepts_5d_and_folded() -> None:
     torch.nn.init.normal_(conv.temporal.conv.weight)
     x = torch.randn(2, 4, 3, 8, 8)
     torch.testing.assert_close(conv(x), unfold_frames(conv(fold_frames(x), frames=3), 3))
+
+
+def test_group_norm_keeps_several_channels_per_group() -> None:
+    """32 groups like ADM on wide nets; never one channel per group (an instance norm) on narrow ones."""
+    assert group_count(256) == 32 and group_count(128) == 32
+    assert group_count(32) == 8 and group_count(16) == 4 and group_count(8) == 2
+    net = build_network("decoder", cascade_preset("toy"))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 4 for m in norms)
+
+
+def test_cond_map_places_the_condition_in_space() -> None:
+    """Zero at init (the net computes what it computes without the map); once trained, what the embedding
+    adds differs from pixel to pixel, which scale-shift and cross-attention cannot do."""
+    cfg = TINY.decoder.net.model_copy(update={"cond_map": 4})
+    torch.manual_seed(0)
+    plain = UNet(cfg.model_copy(update={"cond_map": 0})).eval()
+    net = UNet(cfg).eval()
+    missing, unexpected = net.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["cond_map.bias", "cond_map.weight"] and not unexpected
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(B, 3, 16, 16, generator=gen), torch.tensor([5.0, 500.0])
+    cond = torch.randn(B, cfg.cond_dim, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, cond), plain(x, t, cond))
+        torch.nn.init.normal_(net.cond_map.weight, std=0.5)
+        h = torch.zeros(B, cfg.base_channels, 16, 16)
+        layout = net._layout(cond, h, B, 1)  # (B, C, 16, 16)
+        assert layout.shape == h.shape
+        assert layout.std(dim=(-2, -1)).mean() > 0.1  # varies across the image
+        assert not torch.allclose(net(x, t, cond), plain(x, t, cond))
+        null = net._layout(None, h, B, 1)
+        assert torch.allclose(null, torch.zeros_like(null))  # zero bias: the null condition adds nothing
