@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,13 +53,11 @@ class EgressProxy:
         self.forwarded: list[str] = []
         self._host = host
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: HangupTolerantServer | None = None
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "EgressProxy":
-        server = ThreadingHTTPServer((self._host, 0), _ProxyHandler)
-        server.daemon_threads = True
-        server.block_on_close = False  # a tunnel still open must not hold up shutdown
+        server = HangupTolerantServer((self._host, 0), _ProxyHandler)
         server.egress = self  # type: ignore[attr-defined]
         self._server = server
         # A short poll keeps __exit__ quick: shutdown() waits up to one poll interval.
@@ -117,6 +116,19 @@ def _remaining(deadline: float) -> float:
     if left <= 0:
         raise Cutoff("timeout_s reached")
     return left
+
+
+class HangupTolerantServer(ThreadingHTTPServer):
+    """A threading HTTP server for which a client that hangs up mid-reply is expected, not an error: a
+    downloader gives up at its own timeout or size cap, and the reply (a /slow/ file, the proxy's 504)
+    then meets a closed socket. Other errors still print socketserver's traceback."""
+
+    daemon_threads = True
+    block_on_close = False  # a handler still asleep or tunnelling must not hold up shutdown
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 _PHRASES = {403: "Refused by egress proxy", 502: "Bad Gateway (egress proxy)", 504: "Gateway Timeout (egress proxy)"}

@@ -8,9 +8,11 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import socket
+import struct
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -252,3 +254,20 @@ def test_requests_honours_the_proxy_env(monkeypatch, origin, canary, connections
     assert refused.status_code == 403 and redirected.status_code == 403
     assert canary.requests == []
     assert proxy.forwarded[0] == f"http://world.test:{port}/ok"
+
+
+def test_a_client_that_hangs_up_is_recorded_not_a_traceback(origin, capsys):
+    """A downloader that gives up before the proxy's 504 (as img2dataset does at its own timeout) leaves a
+    cutoff in the record and nothing on stderr: a user's log shows no traceback for an expected failure."""
+    with EgressProxy(toy_policy(timeout_s=0.5), resolve=no_dns) as proxy:
+        address = urllib.parse.urlsplit(proxy.env()["http_proxy"])
+        client = socket.create_connection((address.hostname, address.port))
+        client.sendall(f"GET {origin.url('/hang')} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # hang up with RST
+        client.close()
+        deadline = time.monotonic() + 10
+        while not proxy.cutoffs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the 504 meets the closed socket just after the cutoff is recorded
+    assert [why for _, why in proxy.cutoffs] == ["timeout_s reached"]
+    assert "Traceback" not in capsys.readouterr().err

@@ -16,10 +16,12 @@ import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
+
+from pipelines.egress import HangupTolerantServer
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".mp4": "video/mp4", ".json": "application/json"}
 
@@ -41,23 +43,13 @@ class WorldServer:
     request_log: list[str] = field(default_factory=list)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # a handler asleep in /slow/ must not hold up shutdown
-
+class _Server(HangupTolerantServer):
     def __init__(self, address, root: Path, slow_seconds: float, log: list[str]):
         super().__init__(address, _Handler)
         self.files = (root / "files").resolve()
         self.slow_seconds = slow_seconds
         self.log = log
         self.stopping = threading.Event()
-
-    def handle_error(self, request, client_address) -> None:
-        # A downloader that gives up (timeout, size cap) hangs up mid-response: expected, not an error.
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
