@@ -61,7 +61,7 @@ def train_preset(name: str) -> TrainConfig:
         return TrainConfig(**_all(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1,
                                   sample_every=4, lr=1e-3))
     if name == "toy":
-        # Sized so that `make demo` trains every stage on a 2-core CPU in about 30 minutes (README has the
+        # Sized so that `make demo` trains every stage on a 2-core CPU in about 31 minutes (README has the
         # measured figures): CLIP and the decoder get most of it, as the toy world's quality bar rests on
         # CLIP encoding the shape and the decoder drawing it.
         common = dict(warmup_steps=20, checkpoint_every=100, log_every=10, lr=5e-4, ema_decay=0.99)
