@@ -15,12 +15,12 @@ import torch.nn.functional as Fn
 from torch import nn
 
 
-def group_count(channels: int, min_group: int = 4) -> int:
-    """GroupNorm groups: 32 like ADM where the width allows, and at least `min_group` channels per group.
+def group_count(channels: int) -> int:
+    """GroupNorm groups: 32 like ADM where the width allows, and at least 4 channels per group.
     ADM's 32 groups assume >= 128 channels; on a 32-channel net they would be one channel each, an instance
     norm that removes every channel's spatial mean (a flat background's colour) at every block."""
     for groups in (32, 16, 8, 4, 2, 1):
-        if channels % groups == 0 and channels // groups >= min_group:
+        if channels % groups == 0 and channels // groups >= 4:
             return groups
     return 1
 

@@ -145,17 +145,19 @@ class UNet(nn.Module):
             return torch.zeros(batch, cfg.cond_dim, device=device, dtype=dtype)
         return cond_emb.to(dtype) * cfg.cond_dim ** 0.5
 
-    def _layout(self, cond_emb: torch.Tensor | None, h: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
-        """The cond_map for features h (B*F, C, H, W): (B*F, C, H, W), bilinear from cond_map x cond_map."""
+    def _layout(self, cond: torch.Tensor, h: torch.Tensor, frames: int) -> torch.Tensor:
+        """The cond_map of `_cond`'s embedding (B, D) for features h (B*F, C, H, W): (B*F, C, H, W),
+        bilinear from cond_map x cond_map."""
         side = self.cfg.cond_map
-        cond = self._cond(batch, cond_emb, h.device, h.dtype)
-        grid = self.cond_map(cond).reshape(batch, -1, side, side)
+        grid = self.cond_map(cond).reshape(cond.shape[0], -1, side, side)
         grid = Fn.interpolate(grid, size=h.shape[-2:], mode="bilinear", align_corners=False)
         return grid.repeat_interleave(frames, dim=0) if frames > 1 else grid
 
     def _embed(self, batch: int, t: torch.Tensor, cond_emb: torch.Tensor | None, fps: torch.Tensor | None,
-               noise_level: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> embedding (B, E) and cross-attention tokens (B, cond_tokens, E). cond_emb None = the null condition."""
+               noise_level: torch.Tensor | None, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> embedding (B, E), cross-attention tokens (B, cond_tokens, E) and the scaled condition (B, D)
+        (`_cond`). cond_emb None = the null condition."""
         cfg = self.cfg
         t = torch.as_tensor(t, device=device)
         emb = self.time_embed(sinusoidal_embedding(t.expand(batch) if t.dim() == 0 else t, cfg.base_channels))
@@ -172,7 +174,7 @@ class UNet(nn.Module):
             emb = emb + self.noise_embed(sinusoidal_embedding(level.expand(batch), cfg.base_channels))
         elif noise_level is not None:
             raise ValueError("noise_level given to a net without lowres_cond")
-        return emb, ctx
+        return emb, ctx, cond
 
     def _with_lowres(self, x: torch.Tensor, lowres: torch.Tensor | None) -> torch.Tensor:
         """Upsample the low-res input (bilinear) to x's size and concatenate it on channels."""
@@ -218,12 +220,12 @@ class UNet(nn.Module):
         frames = x.shape[2] if video else 1
         x = self._with_lowres(x, lowres)
         h = fold_frames(x) if video else x  # (B*F, C, H, W)
-        emb, ctx = self._embed(batch, t, cond_emb, fps, noise_level, x.device)
+        emb, ctx, cond = self._embed(batch, t, cond_emb, fps, noise_level, x.device)
         if frames > 1:
             emb, ctx = emb.repeat_interleave(frames, dim=0), ctx.repeat_interleave(frames, dim=0)
         h = self.conv_in(h, frames, enable_time)
         if self.cond_map is not None:
-            h = h + self._layout(cond_emb, h, batch, frames)
+            h = h + self._layout(cond, h, frames)
         skips = [h]
         for block in self.down:
             h = self._run(block, h, emb, ctx, frames, enable_time)

@@ -231,9 +231,9 @@ def test_cond_map_places_the_condition_in_space() -> None:
         torch.testing.assert_close(net(x, t, cond), plain(x, t, cond))
         torch.nn.init.normal_(net.cond_map.weight, std=0.5)
         h = torch.zeros(B, cfg.base_channels, 16, 16)
-        layout = net._layout(cond, h, B, 1)  # (B, C, 16, 16)
+        layout = net._layout(net._cond(B, cond, h.device, h.dtype), h, 1)  # (B, C, 16, 16)
         assert layout.shape == h.shape
         assert layout.std(dim=(-2, -1)).mean() > 0.1  # varies across the image
         assert not torch.allclose(net(x, t, cond), plain(x, t, cond))
-        null = net._layout(None, h, B, 1)
+        null = net._layout(net._cond(B, None, h.device, h.dtype), h, 1)
         assert torch.allclose(null, torch.zeros_like(null))  # zero bias: the null condition adds nothing
