@@ -28,10 +28,10 @@ from torch import nn
 
 from model.clip import build_clip, encode_images, encode_text_tokens, tokenize
 from model.config import CascadeConfig
-from model.diffusion import make_schedule, noise_augment, null_condition
+from model.diffusion import make_schedule, noise_augment, null_condition, residual_clamp
 from model.frames import (animation_mask, fill_by_windows, interpolation_channels, mask_from_indices, place_at,
                           plan_windows, spread_indices, two_image_mask)
-from model.layers import fold_frames
+from model.layers import fold_frames, resize
 from model.networks import build_network
 from model.precision import Precision, autocast_context, default_precision
 from model.samplers import sample
@@ -181,18 +181,20 @@ def _sample_stage(cascade: Cascade, stage: str, shape: Sequence[int], cond: dict
                   bar: ProgressBar | None, net_name: str | None = None, per_frame: bool = False,
                   **hooks) -> torch.Tensor:
     """One stage: its schedule, sampler and guidance; the null condition is zeros on `cond_emb` or the
-    prior's text inputs, every other kwarg is shared by both branches."""
+    prior's text inputs, every other kwarg is shared by both branches. Pixels are clipped to [-1, 1]
+    unless the caller gives its own `denoised_fn` (a residual SR stage's estimate is a difference)."""
     stage_cfg = getattr(cascade.cfg, net_name or stage)
     keys = ("text_emb", "text_tokens") if stage == "prior" else ("cond_emb",)
     uncond = {**cond, **null_condition({k: cond[k] for k in keys})}
     callback = (lambda *_: bar.update(1)) if bar is not None else None
     model = _network_fn(cascade, cascade.net(net_name or stage), per_frame)
-    if stage != "prior":
-        hooks.setdefault("denoised_fn", _clamp)
+    pixels = stage != "prior" and "denoised_fn" not in hooks
+    if pixels:
+        hooks["denoised_fn"] = _clamp
     out = sample(model, make_schedule(stage_cfg.diffusion), stage_cfg.sampler, tuple(shape), cond,
                  prediction=stage_cfg.diffusion.prediction, generator=generator, uncond_kwargs=uncond,
                  callback=callback, device=cascade.device, dtype=torch.float32, **hooks)
-    return out if stage == "prior" else out.clamp(-1, 1)
+    return out.clamp(-1, 1) if pixels else out
 
 
 def _fps(value: float, batch: int, device: torch.device) -> torch.Tensor:
@@ -250,24 +252,33 @@ def _noised_lowres(cascade: Cascade, stage: str, lowres: torch.Tensor,
     return noise_augment(lowres, stage_cfg.sampler.noise_aug_level, make_schedule(stage_cfg.diffusion), generator)
 
 
+def _super_resolve(cascade: Cascade, stage: str, video: torch.Tensor, size: int, cond: dict,
+                   generator: torch.Generator, bar: ProgressBar | None, per_frame: bool = False) -> torch.Tensor:
+    """An SR stage on video (B, C, F, h, w) -> (B, C, F, size, size): the noise-augmented input as
+    `lowres`; a residual stage samples the difference to the clean input's bilinear upsample."""
+    low, t_aug = _noised_lowres(cascade, stage, video, generator)
+    cond = {**cond, "lowres": low, "noise_level": t_aug}
+    shape = (*video.shape[:3], size, size)
+    if not getattr(cascade.cfg, stage).diffusion.residual:
+        return _sample_stage(cascade, stage, shape, cond, generator, bar, per_frame=per_frame)
+    base = resize(video, size)
+    out = _sample_stage(cascade, stage, shape, cond, generator, bar, per_frame=per_frame,
+                        denoised_fn=residual_clamp(base))
+    return (base + out).clamp(-1, 1)
+
+
 def super_resolve_low(cascade: Cascade, video: torch.Tensor, emb: torch.Tensor, fps: float,
                       generator: torch.Generator, bar: ProgressBar | None = None) -> torch.Tensor:
     """SR_l (pseudo-3D, all frames at once so they stay consistent): base -> sr_low_size."""
-    b, c, f = video.shape[:3]
-    size = cascade.cfg.shape.sr_low_size
-    low, t_aug = _noised_lowres(cascade, "sr_low", video, generator)
-    cond = {"cond_emb": emb, "fps": _fps(fps, b, video.device), "lowres": low, "noise_level": t_aug}
-    return _sample_stage(cascade, "sr_low", (b, c, f, size, size), cond, generator, bar)
+    cond = {"cond_emb": emb, "fps": _fps(fps, video.shape[0], video.device)}
+    return _super_resolve(cascade, "sr_low", video, cascade.cfg.shape.sr_low_size, cond, generator, bar)
 
 
 def super_resolve_high(cascade: Cascade, video: torch.Tensor, emb: torch.Tensor,
                        generator: torch.Generator, bar: ProgressBar | None = None) -> torch.Tensor:
     """SR_h (a 2D net, per frame, `sr_high_chunk` frames per forward): sr_low_size -> sr_high_size."""
-    b, c, f = video.shape[:3]
-    size = cascade.cfg.shape.sr_high_size
-    low, t_aug = _noised_lowres(cascade, "sr_high", video, generator)
-    cond = {"cond_emb": emb, "lowres": low, "noise_level": t_aug}
-    return _sample_stage(cascade, "sr_high", (b, c, f, size, size), cond, generator, bar, per_frame=True)
+    return _super_resolve(cascade, "sr_high", video, cascade.cfg.shape.sr_high_size, {"cond_emb": emb},
+                          generator, bar, per_frame=True)
 
 
 # --- running a use: stop_at, seeds, timings ------------------------------------------------------------

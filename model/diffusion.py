@@ -268,6 +268,12 @@ def noise_augment(lowres: torch.Tensor, level: float | torch.Tensor, schedule: S
     return torch.where(clean, lowres, noised), t_aug
 
 
+def residual_clamp(base: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The sampler's `denoised_fn` for a residual SR stage: the estimate x0 is a difference to `base`
+    (the upsampled low-res input); clip base + x0 to the pixel range [-1, 1]."""
+    return lambda x0, t: (base + x0).clamp(-1, 1) - base
+
+
 def random_aug_levels(batch: int, max_level: float, device: torch.device | str = "cpu",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Training-time augmentation levels, uniform in [0, max_level]: float tensor (B,)."""

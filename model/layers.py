@@ -48,6 +48,14 @@ def unfold_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
     return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
+def resize(x: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize of images (B, C, H, W) or videos (B, C, F, H, W) to size x size, frame by frame.
+    antialias for downsampling (the low-res input an SR stage trains from); off for upsampling."""
+    if x.dim() == 5:
+        return unfold_frames(resize(fold_frames(x), size, antialias), x.shape[2])
+    return Fn.interpolate(x, size=(size, size), mode="bilinear", antialias=antialias, align_corners=False)
+
+
 def _time_active(frames: int, enable_time: bool) -> bool:
     return enable_time and frames > 1
 

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import UNetConfig
-from model.layers import AttentionBlock, PseudoConv3d, fold_frames, group_count, sinusoidal_embedding, unfold_frames
+from model.layers import (AttentionBlock, PseudoConv3d, fold_frames, group_count, resize, sinusoidal_embedding,
+                          unfold_frames)
 
 
 class ResBlock(nn.Module):
@@ -129,6 +130,9 @@ class UNet(nn.Module):
                 ch = widths[level]
         self.norm_out = nn.GroupNorm(group_count(ch), ch)
         self.conv_out = PseudoConv3d(ch, cfg.out_channels, temporal=temporal)
+        if cfg.lowres_cond:  # an SR net starts at zero output: a residual x0 stage then returns the upsample
+            nn.init.zeros_(self.conv_out.spatial.weight)
+            nn.init.zeros_(self.conv_out.spatial.bias)
 
     @property
     def input_channels(self) -> int:
@@ -186,14 +190,9 @@ class UNet(nn.Module):
             raise ValueError("this super-resolution net needs `lowres`")
         if lowres.dim() != x.dim() or lowres.shape[1] != self.cfg.in_channels:
             raise ValueError(f"lowres shape {tuple(lowres.shape)} does not match x {tuple(x.shape)}")
-        if x.dim() == 5:
-            f = x.shape[2]
-            if lowres.shape[2] != f:
-                raise ValueError(f"lowres has {lowres.shape[2]} frames, x has {f}")
-            up = Fn.interpolate(fold_frames(lowres), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return torch.cat([x, unfold_frames(up, f).to(x.dtype)], dim=1)
-        up = Fn.interpolate(lowres, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([x, up.to(x.dtype)], dim=1)
+        if x.dim() == 5 and lowres.shape[2] != x.shape[2]:
+            raise ValueError(f"lowres has {lowres.shape[2]} frames, x has {x.shape[2]}")
+        return torch.cat([x, resize(lowres, x.shape[-1]).to(x.dtype)], dim=1)
 
     def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, frames: int,
              enable_time: bool) -> torch.Tensor:

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, stage_network, stage_seed,
-                           stages_needed, super_resolve_high, text_to_video, to_base, vary_video, video_embedding)
+                           stages_needed, super_resolve_high, super_resolve_low, text_to_video, to_base, vary_video,
+                           video_embedding)
 from model.config import cascade_preset
 from model.frames import spread_indices
+from model.layers import resize
 
 PROMPT = ["a red circle on a blue background"]
 
@@ -111,14 +113,37 @@ def test_guidance_runs_every_stage_with_both_branches(cascade, full):
     assert torch.equal(guided["interpolation"][:, :, ::2], guided["temporal"])  # known frames held under CFG too
 
 
-def test_sr_high_chunking_does_not_change_the_result(cascade):
+def _sr_input(frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(4)
-    low = torch.rand(1, 3, 3, 32, 32) * 2 - 1
-    emb = torch.nn.functional.normalize(torch.randn(1, 32), dim=-1)
+    low = torch.rand(1, 3, frames, size, size) * 2 - 1
+    return low, torch.nn.functional.normalize(torch.randn(1, 32), dim=-1)
+
+
+def test_sr_high_chunking_does_not_change_the_result():
+    cascade = build_cascade(cascade_preset("tiny"))
+    cascade.net("sr_high").conv_out.spatial.reset_parameters()  # SR nets start at zero output
+    low, emb = _sr_input(3, 32)
     outs = [super_resolve_high(dataclasses.replace(cascade, sr_high_chunk=chunk), low, emb,
                                torch.Generator().manual_seed(0)) for chunk in (1, 8)]
     assert outs[0].shape == (1, 3, 3, 64, 64)
+    assert not torch.allclose(outs[0], resize(low, 64), atol=1e-3)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_untrained_residual_sr_stages_return_the_bilinear_upsample():
+    """tiny's SR stages diffuse the difference to the upsampled input and predict x0: before any training
+    they give the plain upsample, and a trained net's detail is added to it within the pixel range."""
+    cascade = build_cascade(cascade_preset("tiny"))
+    assert cascade.cfg.sr_low.diffusion.residual and cascade.cfg.sr_high.diffusion.residual
+    low, emb = _sr_input(3, 16)
+    mid = super_resolve_low(cascade, low, emb, 8.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mid, resize(low, 32), atol=1e-6, rtol=0)
+    high = super_resolve_high(cascade, mid, emb, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(high, resize(mid, 64), atol=1e-6, rtol=0)
+    cascade.net("sr_low").conv_out.spatial.reset_parameters()
+    moved = super_resolve_low(cascade, low, emb, 8.0, torch.Generator().manual_seed(0))
+    assert not torch.allclose(moved, mid, atol=1e-3)
+    assert moved.abs().max() <= 1
 
 
 def test_stages_needed_per_use():

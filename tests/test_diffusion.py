@@ -6,8 +6,8 @@ import torch
 
 from model.config import DiffusionConfig
 from model.diffusion import (alpha_sigma, cfg_model, drop_condition, make_schedule, noise_augment, null_condition,
-                             output_to_eps, output_to_x0, q_sample, random_aug_levels, sample_timesteps,
-                             target_for, training_loss)
+                             output_to_eps, output_to_x0, q_sample, random_aug_levels, residual_clamp,
+                             sample_timesteps, target_for, training_loss)
 
 SHAPES = [(6, 8), (6, 3, 5, 5), (6, 3, 4, 5, 5)]  # embeddings, images, videos
 
@@ -183,3 +183,15 @@ def test_noise_augment_is_seeded_and_checks_shape(schedule):
         noise_augment(low, torch.tensor([0.1, 0.2]), schedule)
     levels = random_aug_levels(1000, 0.2, generator=torch.Generator().manual_seed(0))
     assert levels.min() >= 0 and levels.max() <= 0.2 and levels.mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_residual_clamp_keeps_base_plus_estimate_in_pixel_range():
+    gen = torch.Generator().manual_seed(2)
+    base = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
+    x0 = torch.randn(2, 3, 8, 8, generator=gen)
+    clipped = residual_clamp(base)(x0, torch.zeros(2))
+    assert (base + clipped).abs().max() <= 1 + 1e-6
+    inside = (base + x0).abs() <= 1
+    torch.testing.assert_close(clipped[inside], x0[inside])
+    assert not inside.all()
+

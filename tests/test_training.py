@@ -26,7 +26,9 @@ from PIL import Image, ImageDraw
 from model.clip import build_clip, encode_images, encode_text
 from model.config import cascade_preset
 from model.networks import build_network
+from model.layers import resize
 from training.config import train_preset
+from training.stages import SPECS, SampleRng, Stage, downsample
 
 pytestmark = pytest.mark.slow
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -381,3 +383,20 @@ def test_a_stopped_stage_is_not_resumed_with_other_settings(tmp_path):
     (folder / "run.json").write_text(_json.dumps({"run_id": "0" * 32, "settings": "other"}))
     with pytest.raises(ValueError, match="other settings"):
         run_stage("clip", load_config("tiny"), images=str(images), run_root=str(tmp_path / "run"))
+
+
+def test_a_residual_sr_stage_learns_the_difference_to_the_upsample():
+    """With prediction x0 and a net that outputs zeros (an SR net at init), the residual stage's loss is
+    the upsample's error; the plain stage's is the error of predicting grey."""
+    cfg = cascade_preset("tiny")
+    batch = {"image": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+             "image_emb": torch.zeros(2, 32)}
+    zero_net = lambda x, t, **kw: torch.zeros_like(x)  # noqa: E731
+    stage = Stage(SPECS["sr_high"], cfg)
+    base = resize(downsample(batch["image"], 32), 64)
+    loss = stage.loss(zero_net, batch, SampleRng(torch.tensor([0, 1])))
+    torch.testing.assert_close(loss, ((batch["image"] - base) ** 2).mean())
+    plain_cfg = cfg.model_copy(update={"sr_high": cfg.sr_high.model_copy(
+        update={"diffusion": cfg.sr_high.diffusion.model_copy(update={"residual": False})})})
+    plain = Stage(SPECS["sr_high"], plain_cfg).loss(zero_net, batch, SampleRng(torch.tensor([0, 1])))
+    torch.testing.assert_close(plain, (batch["image"] ** 2).mean())

@@ -31,6 +31,12 @@ def _inputs(stage: str, cfg: CascadeConfig, video: bool, gen: torch.Generator) -
     return x, kw
 
 
+def _as_if_trained(net: UNet) -> UNet:
+    """An SR net starts at zero output; give its last conv ordinary random weights so inputs show."""
+    net.conv_out.spatial.reset_parameters()
+    return net
+
+
 UNET_CASES = [("decoder", False), ("temporal", True), ("temporal", False), ("interpolation", True),
               ("sr_low", True), ("sr_low", False), ("sr_high", False)]
 
@@ -123,7 +129,7 @@ def test_null_condition_is_zeros_and_condition_matters() -> None:
 def test_super_resolution_conditioning_matters() -> None:
     """The low-res input and its augmentation timestep both reach the output; noise_level None = 0."""
     torch.manual_seed(0)
-    net = build_network("sr_high", TINY).eval()
+    net = _as_if_trained(build_network("sr_high", TINY)).eval()
     gen = torch.Generator().manual_seed(8)
     x, low = torch.randn(B, 3, 32, 32, generator=gen), torch.randn(B, 3, 16, 16, generator=gen)
     t = torch.tensor([5, 5])
@@ -135,6 +141,17 @@ def test_super_resolution_conditioning_matters() -> None:
     assert torch.equal(base, zero)
     assert not torch.allclose(base, noised, atol=1e-4)
     assert not torch.allclose(base, other, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage,video", [("sr_low", True), ("sr_high", False), ("decoder", False)])
+def test_only_super_resolution_nets_start_at_zero_output(stage: str, video: bool) -> None:
+    """An SR stage's residual x0 is then zero at init: the cascade returns the bilinear upsample."""
+    torch.manual_seed(0)
+    net = build_network(stage, TINY).eval()
+    x, kw = _inputs(stage, TINY, video, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = net(x, **kw)
+    assert bool((out == 0).all()) == net.cfg.lowres_cond
 
 
 def test_integer_float_and_scalar_timesteps_agree() -> None:
@@ -181,7 +198,7 @@ def test_input_errors() -> None:
 def test_apply_per_frame_matches_folded_batch() -> None:
     """SR_h per frame in chunks equals one call on all frames folded into the batch."""
     torch.manual_seed(0)
-    net = build_network("sr_high", TINY).eval()
+    net = _as_if_trained(build_network("sr_high", TINY)).eval()
     gen = torch.Generator().manual_seed(4)
     frames = 3
     video = torch.randn(B, 3, frames, 32, 32, generator=gen)

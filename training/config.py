@@ -61,12 +61,13 @@ def train_preset(name: str) -> TrainConfig:
         return TrainConfig(**_all(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1,
                                   sample_every=4, lr=1e-3))
     if name == "toy":
-        # Sized so that `make demo` trains every stage on a 2-core CPU in about 31 minutes (README has the
+        # Sized so that `make demo` trains every stage on a 2-core CPU in about 37 minutes (README has the
         # measured figures): CLIP and the decoder get most of it, as the toy world's quality bar rests on
-        # CLIP encoding the shape and the decoder drawing it.
+        # CLIP encoding the shape and the decoder drawing it. CLIP's image embeddings tell shapes apart
+        # (1-NN) 0.50 of the time after 600 steps, 0.80 after 1200, no better after 1500.
         common = dict(warmup_steps=20, checkpoint_every=100, log_every=10, lr=5e-4, ema_decay=0.99)
         stages = {
-            "clip": StageTrainConfig(steps=600, batch_size=128, sample_every=600, **{**common, "lr": 2e-3}),
+            "clip": StageTrainConfig(steps=1200, batch_size=128, sample_every=1200, **{**common, "lr": 2e-3}),
             "prior": StageTrainConfig(steps=800, batch_size=64, sample_every=800, **common),
             "decoder": StageTrainConfig(steps=2400, batch_size=32, sample_every=2400,
                                         **{**common, "lr": 1e-3, "ema_decay": 0.995, "checkpoint_every": 200}),

@@ -21,10 +21,10 @@ from torch import nn
 
 from model.config import CascadeConfig, SamplerConfig, UNetConfig
 from model.diffusion import (Schedule, drop_condition, make_schedule, noise_augment, random_aug_levels, randn_like,
-                             sample_timesteps, training_loss)
+                             residual_clamp, sample_timesteps, training_loss)
 from model.frames import interpolation_channels, sample_train_mask
 from model.inflate import inflate_state_dict
-from model.layers import fold_frames, unfold_frames
+from model.layers import fold_frames, resize, unfold_frames
 from model.networks import build_network
 from model.samplers import sample
 
@@ -111,9 +111,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased resize of images (B, C, H, W) or videos (B, C, F, H, W) to size x size, frame by frame:
     the low-res input an SR stage is trained from."""
-    if x.dim() == 5:
-        return unfold_frames(downsample(fold_frames(x), size), x.shape[2])
-    return Fn.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resize(x, size, antialias=True)
 
 
 class Stage:
@@ -203,18 +201,31 @@ def interpolation_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRn
     return stage.diffusion_loss(with_extra(net, extra), video, rng, cond_emb=cond, fps=batch["fps"])
 
 
-def sr_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> torch.Tensor:
-    """Super-resolution from a noise-augmented low-res copy, conditioned on the CLIP image embedding.
-    sr_low: clips at sr_low_size from base_size; sr_high: images at sr_high_size from sr_low_size."""
+def _sr_pair(stage: Stage, batch: Batch, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """An SR stage's (high, clean low) pair: sr_low takes clips at sr_low_size from base_size, sr_high
+    images at sr_high_size from sr_low_size. Returns (high, low, is_video)."""
     shape = stage.cascade.shape
     video = stage.name == "sr_low"
-    high = batch["video"] if video else batch["image"]
-    low = downsample(high, shape.base_size if video else shape.sr_low_size)
+    high = (batch["video"] if video else batch["image"])[:n]
+    return high, downsample(high, shape.base_size if video else shape.sr_low_size), video
+
+
+def sr_base(stage: Stage, low: torch.Tensor, size: int) -> torch.Tensor | None:
+    """What a residual SR stage's x0 is a difference to: the bilinear upsample of the clean low-res input."""
+    return resize(low, size) if stage.cfg.diffusion.residual else None
+
+
+def sr_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> torch.Tensor:
+    """Super-resolution from a noise-augmented low-res copy, conditioned on the CLIP image embedding;
+    a residual stage learns the difference to the clean input's upsample."""
+    high, low, video = _sr_pair(stage, batch)
+    base = sr_base(stage, low, high.shape[-1])
     low, t_aug = rng.augment(low, stage.cfg.diffusion.noise_aug_max, stage.schedule)
     emb = stage.video_embedding(high) if video else batch["image_emb"]
     cond = rng.drop(emb, stage.cfg.diffusion.cond_drop_prob)
     fps = {"fps": batch["fps"]} if video else {}
-    return stage.diffusion_loss(net, high, rng, cond_emb=cond, lowres=low, noise_level=t_aug, **fps)
+    x0 = high if base is None else high - base
+    return stage.diffusion_loss(net, x0, rng, cond_emb=cond, lowres=low, noise_level=t_aug, **fps)
 
 
 # --- previews: a few cheap sampler steps on the EMA net, logged as images/GIFs or metrics ---------------
@@ -266,14 +277,14 @@ def interpolation_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch
 
 
 def sr_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch.Generator) -> Preview:
-    video = stage.name == "sr_low"
-    shape = stage.cascade.shape
-    high = (batch["video"] if video else batch["image"])[:2]
-    low = downsample(high, shape.base_size if video else shape.sr_low_size)
+    high, low, video = _sr_pair(stage, batch, 2)
+    base = sr_base(stage, low, high.shape[-1])
     kw: dict[str, Any] = {"lowres": low, "cond_emb": stage.video_embedding(high) if video else batch["image_emb"][:2]}
     if video:
         kw["fps"] = batch["fps"][:2]
-    out = stage.draw(net, tuple(high.shape), gen, high.device, model_kwargs=kw).clamp(-1, 1)
+    hooks = {} if base is None else {"denoised_fn": residual_clamp(base)}
+    out = stage.draw(net, tuple(high.shape), gen, high.device, model_kwargs=kw, **hooks)
+    out = (out if base is None else base + out).clamp(-1, 1)
     return {"video": out} if video else {"images": torch.cat([high, out])}
 
 
