@@ -226,7 +226,7 @@ def sample_masked(cascade: Cascade, video: torch.Tensor, known: torch.Tensor, em
                   generator: torch.Generator, bar: ProgressBar | None = None) -> torch.Tensor:
     """F on one window: video (B, C, T, H, W) with known frames in place, known (T,) bool. The known
     frames enter as F's extra channels and are held exactly by the sampler's x_known/mask hook."""
-    extra = interpolation_channels(video, known)  # (B, C+1, T, H, W)
+    extra = interpolation_channels(video, known, cascade.cfg.interpolation.known_fill)  # (B, C+1, T, H, W)
     cond = {"cond_emb": emb, "fps": _fps(fps, video.shape[0], video.device), "extra": extra}
     mask = known.to(video.device)[None, None, :, None, None]  # (1, 1, T, 1, 1)
     return _sample_stage(cascade, "interpolation", video.shape, cond, generator, bar, x_known=video, mask=mask)

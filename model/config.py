@@ -112,6 +112,9 @@ class UNetStage(ConfigBase):
     net: UNetConfig
     diffusion: DiffusionConfig = DiffusionConfig()
     sampler: SamplerConfig = SamplerConfig()
+    known_fill: Literal["zeros", "linear"] = Field(
+        "zeros", description="interpolation: the unknown frames in F's extra input, zeros (the paper) or the "
+        "linear blend of the known frames around them")
 
 
 class PriorStage(ConfigBase):
@@ -146,7 +149,8 @@ def _tiny() -> CascadeConfig:
         prior=PriorStage(net=PriorConfig(embed_dim=32, text_len=16, width=32, depth=2, heads=2), sampler=fast),
         decoder=UNetStage(net=unet, sampler=fast),
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=fast),
-        interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}), sampler=fast),
+        interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}), sampler=fast,
+                                known_fill="linear"),
         sr_low=UNetStage(net=sr.model_copy(update={"temporal": True}), diffusion=sr_diffusion, sampler=fast),
         sr_high=UNetStage(net=sr, diffusion=sr_diffusion, sampler=fast),
     )
@@ -163,6 +167,9 @@ def _toy() -> CascadeConfig:
     # tens of steps in the demo, which left a from-scratch net adding grain (12.6 dB vs bilinear's 33.4).
     sr_diffusion = DiffusionConfig(noise_aug_max=0.2, prediction="x0", residual=True)
     # F guided like Dt: unguided, its new frames came out paler and blurrier than the key frames around them.
+    # Its temporal layers start as the identity, so with the paper's zeroed unknown frames a new frame sees
+    # nothing of its neighbours until they have trained: after F's 150 steps the object jumped between the
+    # key frames' place and its own. known_fill="linear" shows each new frame the blend of its neighbours.
     interp_sampler = SamplerConfig(name="dpmpp_2m", steps=10, guidance_scale=3.0)
     return CascadeConfig(
         shape=CascadeShape(frames=8, frame_skip=3, base_size=32, sr_low_size=64, sr_high_size=128),
@@ -171,7 +178,7 @@ def _toy() -> CascadeConfig:
         decoder=UNetStage(net=unet, sampler=sampler),
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler),
         interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}),
-                                sampler=interp_sampler),
+                                sampler=interp_sampler, known_fill="linear"),
         sr_low=UNetStage(net=sr.model_copy(update={"temporal": True}), diffusion=sr_diffusion, sampler=sr_sampler),
         sr_high=UNetStage(net=sr, diffusion=sr_diffusion, sampler=sr_sampler),
     )

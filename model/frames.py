@@ -2,7 +2,8 @@
 F is run on, and the masks of the paper's other uses (extrapolation, image animation, two-image interpolation).
 
 A mask is a (T,) bool tensor, True on known frames. F's extra input channels are the masked frames and the
-mask, (B, C+1, T, H, W), built by `interpolation_channels`.
+mask, (B, C+1, T, H, W), built by `interpolation_channels` (unknown frames zeroed as in the paper, or
+blended from the known ones around them).
 """
 from __future__ import annotations
 
@@ -77,14 +78,38 @@ def place_known(frames: torch.Tensor, frame_skip: int) -> tuple[torch.Tensor, to
     return place_at(frames, known_idx, total)
 
 
-def interpolation_channels(video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """F's extra input: the known frames (others zeroed) and the binary mask.
-    video (B, C, T, H, W), mask (T,) bool -> (B, C+1, T, H, W)."""
+def linear_fill(video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every unknown frame replaced by the time-linear blend of the nearest known frames before and after
+    it (a copy of the nearest one past either end); known frames kept. video (B, C, T, H, W), mask (T,)."""
+    known = [i for i, k in enumerate(mask.tolist()) if k]
+    out = video.clone()
+    if not known:
+        return torch.zeros_like(video)
+    for i in range(video.shape[2]):
+        if mask[i]:
+            continue
+        before = max((k for k in known if k < i), default=None)
+        after = min((k for k in known if k > i), default=None)
+        if before is None or after is None:
+            out[:, :, i] = video[:, :, after if before is None else before]
+        else:
+            w = (i - before) / (after - before)
+            out[:, :, i] = (1 - w) * video[:, :, before] + w * video[:, :, after]
+    return out
+
+
+def interpolation_channels(video: torch.Tensor, mask: torch.Tensor, fill: str = "zeros") -> torch.Tensor:
+    """F's extra input: the known frames and the binary mask, the unknown frames zeroed (the paper) or,
+    with fill="linear", blended from their known neighbours. video (B, C, T, H, W), mask (T,) bool ->
+    (B, C+1, T, H, W)."""
     b, _, t, h, w = video.shape
     if mask.shape != (t,):
         raise ValueError(f"mask must be ({t},), got {tuple(mask.shape)}")
+    if fill not in ("zeros", "linear"):
+        raise ValueError(f"unknown fill {fill!r}; choose zeros or linear")
     m = mask.to(video)[None, None, :, None, None].expand(b, 1, t, h, w)
-    return torch.cat([video * m, m], dim=1)
+    frames = linear_fill(video, mask) if fill == "linear" else video * m
+    return torch.cat([frames, m], dim=1)
 
 
 @dataclass(frozen=True)

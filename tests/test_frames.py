@@ -111,6 +111,19 @@ def test_interpolation_channels() -> None:
         interpolation_channels(video, animation_mask(5))
 
 
+def test_linear_fill_blends_the_known_neighbours() -> None:
+    """Frames 0 and 3 known (values 0 and 3): 1 and 2 become 1 and 2; past the last known frame, a copy."""
+    video = torch.arange(6, dtype=torch.float32).reshape(1, 1, 6, 1, 1).expand(2, 3, 6, 2, 2).clone()
+    mask = torch.tensor([True, False, False, True, False, False])
+    extra = interpolation_channels(video * 7, mask, "linear")  # the known values are 0 and 21
+    assert extra[:, :3, :4].allclose(video[:, :, :4] * 7)
+    assert extra[:, :3, 4:].eq(21).all()
+    assert extra[:, 3].eq(mask.float()[None, :, None, None]).all()
+    assert interpolation_channels(video, torch.zeros(6, dtype=torch.bool), "linear")[:, :3].eq(0).all()
+    with pytest.raises(ValueError, match="fill"):
+        interpolation_channels(video, mask, "nearest")
+
+
 def test_sample_train_mask() -> None:
     gen = torch.Generator().manual_seed(0)
     masks = [sample_train_mask(16, 5, gen) for _ in range(200)]

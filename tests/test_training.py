@@ -223,6 +223,20 @@ def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
     assert previews == ["samples/step_0000004.gif"]
 
 
+def test_a_progress_line_reaches_the_worker_logs_once(chain) -> None:
+    """Ray Train patches print in its workers to log it too (stdout and stderr, both sent to the driver):
+    each worker that trained sr_high has its last progress line once in its .out and .err together."""
+    import ray
+
+    steps = chain.results["sr_high"].steps
+    line = f"[sr_high] step {steps}/{steps} loss"
+    counts: dict[str, int] = {}
+    for path in Path(ray._private.worker._global_node.get_logs_dir_path()).glob("worker-*"):
+        if path.suffix in (".out", ".err"):
+            counts[path.stem] = counts.get(path.stem, 0) + path.read_text(errors="replace").count(line)
+    assert [c for c in counts.values() if c] and all(c <= 1 for c in counts.values()), counts
+
+
 @pytest.mark.parametrize("name", STAGE_NAMES)
 def test_training_lowers_the_loss_on_a_fixed_batch(chain, name: str) -> None:
     before, after = fixed_batch_loss(chain, name, False), fixed_batch_loss(chain, name, True)

@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -330,9 +331,9 @@ class Progress:
         eta = (now - self.t0) / (step - self.start_step) * (self.job.train.steps - step)
         self.last_t, self.last_step = now, step
         self.tracker.log_metrics({"loss": loss, "lr": lr, "samples_per_s": sps}, step)
-        if self.rank == 0:
+        if self.rank == 0:  # to the process's own stdout: Ray Train's print patch would log it a second time
             print(f"[{self.job.stage}] step {step}/{self.job.train.steps} loss {loss:.4f} lr {lr:.2e} "
-                  f"{sps:.1f} samples/s eta {eta:.0f}s", flush=True)
+                  f"{sps:.1f} samples/s eta {eta:.0f}s", file=sys.__stdout__ or sys.stdout, flush=True)
 
     def throughput(self, step: int) -> float:
         """Samples/s from the end of the first step to `step` (0 when fewer than two steps ran)."""

@@ -183,7 +183,8 @@ def temporal_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) ->
 def known_frames(stage: Stage, video: torch.Tensor, rng: SampleRng) -> tuple[torch.Tensor, torch.Tensor]:
     """A random known-frame mask per sample -> F's extra channels (B, C+1, F, H, W) and masks (B, F)."""
     masks = rng.masks(video.shape[2], max(2, stage.cascade.shape.frame_skip))
-    extra = torch.cat([interpolation_channels(video[i:i + 1], m.to(video.device)) for i, m in enumerate(masks)])
+    fill = stage.cfg.known_fill
+    extra = torch.cat([interpolation_channels(video[i:i + 1], m.to(video.device), fill) for i, m in enumerate(masks)])
     return extra, torch.stack(masks).to(video.device)
 
 
