@@ -28,10 +28,10 @@ from torch import nn
 
 from model.clip import build_clip, encode_images, encode_text_tokens, tokenize
 from model.config import CascadeConfig
-from model.diffusion import make_schedule, noise_augment, null_condition, residual_clamp
+from model.diffusion import around_base, make_schedule, noise_augment, null_condition, residual_base
 from model.frames import (animation_mask, fill_by_windows, interpolation_channels, mask_from_indices, place_at,
                           plan_windows, spread_indices, two_image_mask)
-from model.layers import fold_frames, resize
+from model.layers import fold_frames
 from model.networks import build_network
 from model.precision import Precision, autocast_context, default_precision
 from model.samplers import sample
@@ -259,12 +259,9 @@ def _super_resolve(cascade: Cascade, stage: str, video: torch.Tensor, size: int,
     low, t_aug = _noised_lowres(cascade, stage, video, generator)
     cond = {**cond, "lowres": low, "noise_level": t_aug}
     shape = (*video.shape[:3], size, size)
-    if not getattr(cascade.cfg, stage).diffusion.residual:
-        return _sample_stage(cascade, stage, shape, cond, generator, bar, per_frame=per_frame)
-    base = resize(video, size)
-    out = _sample_stage(cascade, stage, shape, cond, generator, bar, per_frame=per_frame,
-                        denoised_fn=residual_clamp(base))
-    return (base + out).clamp(-1, 1)
+    base = residual_base(getattr(cascade.cfg, stage).diffusion, video, size)
+    return around_base(lambda **hooks: _sample_stage(cascade, stage, shape, cond, generator, bar,
+                                                     per_frame=per_frame, **hooks), base)
 
 
 def super_resolve_low(cascade: Cascade, video: torch.Tensor, emb: torch.Tensor, fps: float,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import DiffusionConfig
+from model.layers import resize
 
 Prediction = Literal["eps", "v", "x0"]
 PREDICTIONS = ("eps", "v", "x0")
@@ -268,10 +269,24 @@ def noise_augment(lowres: torch.Tensor, level: float | torch.Tensor, schedule: S
     return torch.where(clean, lowres, noised), t_aug
 
 
+def residual_base(cfg: DiffusionConfig, lowres: torch.Tensor, size: int) -> torch.Tensor | None:
+    """What a residual SR stage's x0 is a difference to: the bilinear upsample of the clean low-res input
+    to size x size (images or videos). None for a plain stage."""
+    return resize(lowres, size) if cfg.residual else None
+
+
 def residual_clamp(base: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The sampler's `denoised_fn` for a residual SR stage: the estimate x0 is a difference to `base`
     (the upsampled low-res input); clip base + x0 to the pixel range [-1, 1]."""
     return lambda x0, t: (base + x0).clamp(-1, 1) - base
+
+
+def around_base(draw: Callable[..., torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """An SR sampler call `draw(**hooks)`; with a residual base it samples the difference (clipped by
+    `residual_clamp`) and returns base + difference in the pixel range; without one, draw() as it is."""
+    if base is None:
+        return draw()
+    return (base + draw(denoised_fn=residual_clamp(base))).clamp(-1, 1)
 
 
 def random_aug_levels(batch: int, max_level: float, device: torch.device | str = "cpu",

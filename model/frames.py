@@ -82,12 +82,10 @@ def linear_fill(video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Every unknown frame replaced by the time-linear blend of the nearest known frames before and after
     it (a copy of the nearest one past either end); known frames kept. video (B, C, T, H, W), mask (T,)."""
     known = [i for i, k in enumerate(mask.tolist()) if k]
-    out = video.clone()
     if not known:
         return torch.zeros_like(video)
-    for i in range(video.shape[2]):
-        if mask[i]:
-            continue
+    out = video.clone()
+    for i in set(range(video.shape[2])) - set(known):
         before = max((k for k in known if k < i), default=None)
         after = min((k for k in known if k > i), default=None)
         if before is None or after is None:

@@ -20,8 +20,8 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from model.config import CascadeConfig, SamplerConfig, UNetConfig
-from model.diffusion import (Schedule, drop_condition, make_schedule, noise_augment, random_aug_levels, randn_like,
-                             residual_clamp, sample_timesteps, training_loss)
+from model.diffusion import (Schedule, around_base, drop_condition, make_schedule, noise_augment, random_aug_levels,
+                             randn_like, residual_base, sample_timesteps, training_loss)
 from model.frames import interpolation_channels, sample_train_mask
 from model.inflate import inflate_state_dict
 from model.layers import fold_frames, resize, unfold_frames
@@ -211,16 +211,11 @@ def _sr_pair(stage: Stage, batch: Batch, n: int | None = None) -> tuple[torch.Te
     return high, downsample(high, shape.base_size if video else shape.sr_low_size), video
 
 
-def sr_base(stage: Stage, low: torch.Tensor, size: int) -> torch.Tensor | None:
-    """What a residual SR stage's x0 is a difference to: the bilinear upsample of the clean low-res input."""
-    return resize(low, size) if stage.cfg.diffusion.residual else None
-
-
 def sr_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> torch.Tensor:
     """Super-resolution from a noise-augmented low-res copy, conditioned on the CLIP image embedding;
     a residual stage learns the difference to the clean input's upsample."""
     high, low, video = _sr_pair(stage, batch)
-    base = sr_base(stage, low, high.shape[-1])
+    base = residual_base(stage.cfg.diffusion, low, high.shape[-1])
     low, t_aug = rng.augment(low, stage.cfg.diffusion.noise_aug_max, stage.schedule)
     emb = stage.video_embedding(high) if video else batch["image_emb"]
     cond = rng.drop(emb, stage.cfg.diffusion.cond_drop_prob)
@@ -279,13 +274,12 @@ def interpolation_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch
 
 def sr_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch.Generator) -> Preview:
     high, low, video = _sr_pair(stage, batch, 2)
-    base = sr_base(stage, low, high.shape[-1])
+    base = residual_base(stage.cfg.diffusion, low, high.shape[-1])
     kw: dict[str, Any] = {"lowres": low, "cond_emb": stage.video_embedding(high) if video else batch["image_emb"][:2]}
     if video:
         kw["fps"] = batch["fps"][:2]
-    hooks = {} if base is None else {"denoised_fn": residual_clamp(base)}
-    out = stage.draw(net, tuple(high.shape), gen, high.device, model_kwargs=kw, **hooks)
-    out = (out if base is None else base + out).clamp(-1, 1)
+    out = around_base(lambda **hooks: stage.draw(net, tuple(high.shape), gen, high.device, model_kwargs=kw,
+                                                 **hooks), base).clamp(-1, 1)
     return {"video": out} if video else {"images": torch.cat([high, out])}
 
 
