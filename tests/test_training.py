@@ -316,7 +316,7 @@ def test_workers_split_the_global_batch_exactly(tmp_path) -> None:
 
     def batches(rank: int, world: int, start: int = 0, split: str = "samples", n: int = 4) -> list[dict]:
         it = stage_batches(str(images), view, global_batch=4, rank=rank, world=world, seed=3, total_steps=8,
-                           start_step=start, split=split)
+                           start_step=start, split=split, shuffle_buffer=5)
         return [next(it) for _ in range(n)]
 
     one, (r0, r1) = batches(0, 1), (batches(0, 2), batches(1, 2))
@@ -329,6 +329,29 @@ def test_workers_split_the_global_batch_exactly(tmp_path) -> None:
     assert not set(own[0].tolist()) & set(own[1].tolist())
     with pytest.raises(ValueError, match="does not split over 3 workers"):
         batches(0, 3)
+
+
+def test_the_stream_shuffles_samples_across_shards_and_epochs(tmp_path) -> None:
+    """With a shuffle buffer every epoch still holds each sample once, in a new order that mixes the
+    shards (a batch no longer holds the same neighbours every epoch); the order follows the seed only."""
+    from training.data import read_manifest, sample_stream, shard_urls
+
+    images = image_dataset(tmp_path / "images", 8, shards=3, per_shard=10)
+    urls = shard_urls(str(images), read_manifest(str(images), "images"))
+
+    def epochs(seed: int, buffer: int) -> list[list[str]]:
+        stream = sample_stream(urls, seed, shuffle_buffer=buffer)
+        keys = [next(stream)[1]["__key__"] for _ in range(90)]
+        return [keys[i:i + 30] for i in range(0, 90, 30)]
+
+    plain, mixed = epochs(1, 0), epochs(1, 8)
+    for epoch in plain:  # shard order changes, samples within a shard do not
+        assert [k for k in epoch if k.startswith("00001")] == [f"00001{i:04d}" for i in range(10)]
+    for epoch in mixed:
+        assert sorted(epoch) == sorted(plain[0])  # every sample once per epoch
+        assert len({k[:5] for k in epoch[:15]}) > 1  # the first half of an epoch mixes shards
+    assert mixed[0] != mixed[1] != mixed[2]
+    assert epochs(1, 8) == mixed and epochs(2, 8) != mixed
 
 
 def test_a_stage_fails_early_with_a_clear_message(tmp_path) -> None:

@@ -20,6 +20,8 @@ class StageTrainConfig(ConfigBase):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
     grad_accum: int = Field(1, ge=1)
+    shuffle_buffer: int = Field(1000, ge=0, description="samples held to shuffle the stream across shard order "
+                                "(0: shard order); a contrastive loss needs new negatives each epoch")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     num_workers: int = Field(1, ge=1, description="Ray Train workers (processes)")

@@ -89,18 +89,40 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": fh}]))
 
 
-def sample_stream(urls: list[str], seed: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(position, sample) forever: epoch e visits the shards in an order seeded by (seed, e)."""
+def sample_stream(urls: list[str], seed: int, shuffle_buffer: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, sample) forever: epoch e visits the shards in an order seeded by (seed, e), and with
+    `shuffle_buffer` > 0 draws each next sample at random from a buffer of that many (webdataset's
+    shuffle, seeded the same way; flushed at the end of each epoch, so an epoch still holds every sample
+    once). Without it, consecutive samples of a shard always share a batch: a contrastive loss then sees
+    the same negatives every epoch."""
     position, epoch = 0, 0
     while True:
         start = position
-        for i in np.random.default_rng([seed, epoch]).permutation(len(urls)):
-            for sample in iter_shard(urls[i]):
-                yield position, sample
-                position += 1
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(urls))
+        for sample in _shuffled((s for i in order for s in iter_shard(urls[i])), shuffle_buffer, rng):
+            yield position, sample
+            position += 1
         if position == start:
             raise ValueError(f"the shards hold no samples: {urls[:3]}")
         epoch += 1
+
+
+def _shuffled(samples: Iterator[dict[str, Any]], size: int, rng: np.random.Generator
+              ) -> Iterator[dict[str, Any]]:
+    """`samples` through a buffer of `size` (0 or 1: unchanged): once it is full, each new sample takes
+    the place of a random one, which is yielded; the rest leave in random order at the end."""
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        if len(buffer) < max(size, 1):
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(len(buffer)))
+        yield buffer[j]
+        buffer[j] = sample
+    if size > 1:
+        rng.shuffle(buffer)
+    yield from buffer
 
 
 def sample_seed(seed: int, stream: int, position: int) -> int:
@@ -180,7 +202,7 @@ def collate(items: list[dict[str, Any]], tokenizer: Callable | None) -> dict[str
 
 def stage_batches(root: str, view: ImageView | VideoView, *, global_batch: int, rank: int, world: int,
                   seed: int, total_steps: int, start_step: int = 0, split: Split = "samples",
-                  tokenizer: Callable | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                  tokenizer: Callable | None = None, shuffle_buffer: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of global_batch / world samples, from step `start_step` on, forever.
     Each batch also holds "seed" (B,) int64, the per-sample seeds for the loss's random draws."""
     if global_batch % world:
@@ -196,7 +218,7 @@ def stage_batches(root: str, view: ImageView | VideoView, *, global_batch: int, 
     else:
         stream, stride, offset, per_step = 0, world, rank, global_batch
     items: list[dict[str, Any]] = []
-    for position, sample in sample_stream(urls, seed + stream):
+    for position, sample in sample_stream(urls, seed + stream, shuffle_buffer):
         if position < start_step * per_step or position % stride != offset:
             continue
         item_seed = sample_seed(seed, stream, position)

@@ -369,7 +369,8 @@ def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: T
     cfg, loss = job.train, float("nan")
     batches = stage_batches(job.data, stage.spec.view(job.cascade), global_batch=cfg.batch_size,
                             rank=worker.rank, world=worker.world, seed=cfg.seed, total_steps=cfg.steps,
-                            start_step=state.step, split=job.split, tokenizer=tokenizer_for(stage))
+                            start_step=state.step, split=job.split, tokenizer=tokenizer_for(stage),
+                            shuffle_buffer=cfg.shuffle_buffer)
     with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-previews-") as previews:
         for batch in batches:
             step = state.step + 1
