@@ -5,11 +5,15 @@ through `torch.load(weights_only=True)` only: a pickle that would run code is re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
-from pathlib import Path
-from typing import Any, Mapping
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Mapping
+
+import fsspec
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
@@ -82,7 +86,11 @@ def _load_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load (state_dict, metadata) on CPU from .safetensors, or from a .pt/.pth/.bin/.ckpt state dict
     through torch.load(weights_only=True). Metadata values written by `save_weights` come back as Python
-    objects (the config as a dict). Raises FileNotFoundError naming the path when it is absent."""
+    objects (the config as a dict). Raises FileNotFoundError naming the path when it is absent.
+    `path` may be a URL (s3://, gs://, file://: anything fsspec opens): it is read from a temporary copy."""
+    if _is_url(path):
+        with fetched(path) as local:
+            return load_weights(local)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -96,6 +104,9 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Metadata of a safetensors file without loading its tensors (only the header is read)."""
+    if _is_url(path):
+        with fetched(path) as local:
+            return read_metadata(local)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -103,6 +114,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         return load_weights(path)[1]
     with safe_open(str(path), framework="pt") as f:
         return _decode_metadata(f.metadata())
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def fetched(url: str | os.PathLike) -> Iterator[Path]:
+    """A temporary local copy of the file at `url` (any fsspec URL), removed afterwards."""
+    url = os.fspath(url)
+    fs, remote = fsspec.core.url_to_fs(url)
+    if not fs.isfile(remote):
+        raise FileNotFoundError(f"weights file not found: {url}")
+    with tempfile.TemporaryDirectory(prefix="mav-weights-") as tmp:
+        local = Path(tmp) / PurePosixPath(remote).name
+        fs.get_file(remote, str(local))
+        yield local
 
 
 def load_config(path: str | os.PathLike) -> Any:

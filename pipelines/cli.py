@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "policy, and write shards, outcomes.parquet and manifest.json into --out. "
                                         "Re-running resumes.")
     _add_config_args(d)
-    d.add_argument("metadata", nargs="+", type=Path, help="parquet file(s) with URL, TEXT, ... columns")
-    d.add_argument("--out", type=Path, required=True, help="dataset folder (local path or fsspec URL)")
+    d.add_argument("metadata", nargs="+", help="parquet file(s) with URL, TEXT, ... columns")
+    d.add_argument("--out", required=True, help="dataset folder (local path or fsspec URL)")
     d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
     d.add_argument("--retry-failed", action="store_true",
                    help="fetch the rows whose download failed once more (into new shards); refusals are kept")
@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "and write text-free shards, outcomes.parquet and manifest.json into --out. "
                                         "Captions are dropped: the video side never carries text. Re-running resumes.")
     _add_config_args(d)
-    d.add_argument("--webvid", nargs="+", type=Path, default=[], metavar="CSV", help="WebVid-style CSV file(s)")
-    d.add_argument("--hdvila", nargs="+", type=Path, default=[], metavar="JSONL", help="HD-VILA-style JSONL file(s)")
-    d.add_argument("--out", type=Path, required=True, help="dataset folder (local path or fsspec URL)")
+    d.add_argument("--webvid", nargs="+", default=[], metavar="CSV", help="WebVid-style CSV file(s)")
+    d.add_argument("--hdvila", nargs="+", default=[], metavar="JSONL", help="HD-VILA-style JSONL file(s)")
+    d.add_argument("--out", required=True, help="dataset folder (local path or fsspec URL)")
     d.add_argument("--rewrite-base", metavar="URL",
                    help="point every URL at this loopback mirror first (tests, demos: never the real hosts)")
     d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")

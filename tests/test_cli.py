@@ -59,3 +59,15 @@ def test_world_generates_then_serves(tmp_path):
 def test_world_needs_an_output_folder():
     out = run("world")
     assert out.returncode == 2 and "--out" in out.stderr
+
+
+def test_dataset_and_run_folders_keep_their_urls():
+    """`--out s3://...` reaches the flows as written (a pathlib.Path would make it the local 's3:/...')."""
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    images = parser.parse_args(["data", "images", "s3://b/laion.parquet", "--out", "s3://b/data/images"])
+    videos = parser.parse_args(["data", "videos", "--webvid", "gs://b/webvid.csv", "--out", "s3://b/data/videos"])
+    train = parser.parse_args(["train", "clip", "--out", "s3://b/runs/x"])
+    assert (images.out, images.metadata, videos.out, videos.webvid, train.out) == (
+        "s3://b/data/images", ["s3://b/laion.parquet"], "s3://b/data/videos", ["gs://b/webvid.csv"], "s3://b/runs/x")

@@ -23,6 +23,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from model.checkpoint import load_weights
 from model.clip import build_clip, encode_images, encode_text
 from model.config import cascade_preset
 from model.networks import build_network
@@ -301,6 +302,25 @@ def test_two_ray_workers_give_the_loss_curve_of_one_worker(chain, tmp_path) -> N
     ddp = [m.value for m in client(chain.uri).get_metric_history(ddp_run.info.run_id, "loss")]
     assert len(single) == len(ddp) == train.decoder.steps
     np.testing.assert_allclose(ddp, single, rtol=1e-4)
+
+
+def test_a_run_folder_url_goes_through_fsspec(ray_session, tmp_path, monkeypatch) -> None:
+    """--out as a URL (here file://, the same fsspec and Ray storage calls as s3://): Ray Train keeps its
+    checkpoints there, the weights land there and load from the URL, a re-run skips the done stage; an
+    object-store folder without a tracking server is refused before anything starts."""
+    from training.jobs import run_stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config()
+    images = image_dataset(tmp_path / "images", cfg.cascade.shape.sr_high_size)
+    url, uri = (tmp_path / "run").as_uri(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_stage("clip", cfg, images=str(images), run_root=url, tracking_uri=uri)
+    assert result.weights_path == f"{url}/clip/clip.safetensors"
+    assert load_weights(result.weights_path)[1]["steps"] == cfg.train.clip.steps
+    assert list((tmp_path / "run" / "ray" / "clip").glob("checkpoint_*/weights.safetensors"))
+    assert run_stage("clip", cfg, images=str(images), run_root=url, tracking_uri=uri) == result
+    with pytest.raises(ValueError, match="name a tracking server"):
+        run_stage("clip", cfg, images=str(images), run_root="s3://bucket/run")
 
 
 # --- without Ray: the data split, the boundaries, the command ---------------------------------------------

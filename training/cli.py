@@ -25,7 +25,8 @@ def add_train_commands(subparsers: Any, load_config: Callable[[argparse.Namespac
         p.add_argument("--preset", choices=("tiny", "toy", "paper"), default="toy")
     p.add_argument("--images", help="image dataset folder (manifest.json, shards/, embeddings/)")
     p.add_argument("--videos", help="video dataset folder (manifest.json, shards/)")
-    p.add_argument("--out", default="runs", help="run folder (default: %(default)s)")
+    p.add_argument("--out", default="runs", help="run folder: a local path or an fsspec URL every node reaches "
+                   "(s3://...: then also --set train.tracking_uri=URL or MLFLOW_TRACKING_URI) (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain stages that already finished")
     p.set_defaults(func=lambda args: cmd_train(args, load_config, runner))
 

@@ -36,13 +36,14 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Split = Literal["samples", "shards"]
 
 
-def _join(root: str, *parts: str) -> str:
+def join(root: str, *parts: str) -> str:
+    """`root`/parts for a local path or any fsspec URL."""
     return "/".join([root.rstrip("/"), *parts])
 
 
 def read_manifest(root: str, kind: str) -> dict[str, Any]:
     """The dataset folder's manifest; its kind must match what the stage reads."""
-    path = _join(root, "manifest.json")
+    path = join(root, "manifest.json")
     try:
         with fsspec.open(path, "r") as fh:
             manifest = json.load(fh)
@@ -58,12 +59,12 @@ def shard_urls(root: str, manifest: dict[str, Any]) -> list[str]:
     names = [s["name"] for s in manifest.get("shards", []) if s.get("samples", 1) > 0]
     if not names:
         raise ValueError(f"{root}: the manifest lists no shard with samples")
-    return [_join(root, name) for name in names]
+    return [join(root, name) for name in names]
 
 
 def embeddings_path(root: str, shard_name: str) -> str:
     """shards/00007.tar -> embeddings/00007.parquet (written by the pipelines' embed flow)."""
-    return _join(root, "embeddings", PurePosixPath(shard_name).stem + ".parquet")
+    return join(root, "embeddings", PurePosixPath(shard_name).stem + ".parquet")
 
 
 def load_embeddings(path: str) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:

@@ -3,7 +3,9 @@
 `run_stage` trains one stage and registers its weights; `train_all` runs stages in the cascade's order
 (clip -> prior, decoder -> temporal -> interpolation, sr_low, sr_high) under one parent MLflow run.
 
-Run folder (`run_root`):
+Run folder (`run_root`): a local folder, or any fsspec URL every node reaches (s3://, gs://, file://);
+Ray Train writes its checkpoints there itself (`RunConfig.storage_path`), the final weights are written
+locally, registered, then copied there. An object-store run folder needs a tracking server.
   ray/<stage>/            Ray Train's storage for the run named <stage>: checkpoints (2 kept) and the
                           run snapshot. Ray Train 2.60 (its V2 API, the default) resumes a run whose
                           RunConfig(name, storage_path) already holds a snapshot from its latest
@@ -24,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -33,7 +36,7 @@ import fsspec
 from model.checkpoint import load_weights, save_weights
 from model.config import CascadeConfig
 from training.config import STAGES, StageTrainConfig, TrainConfig
-from training.data import embeddings_path, read_manifest, shard_urls
+from training.data import embeddings_path, join, read_manifest, shard_urls
 from training.loop import CHAOS_ENV, Job, run, train_loop_per_worker
 from training.stages import ImageView, requires, stage_spec
 from training.tracking import MlflowTracker, pipeline_parent_run, resolve_tracking_uri
@@ -62,7 +65,7 @@ def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: s
     root = images if spec.data == "images" else videos
     if root is None:
         raise ValueError(f"stage {stage} reads {spec.data}: pass the {spec.data} dataset folder (--{spec.data})")
-    root = str(Path(root).resolve()) if "://" not in str(root) else str(root)
+    root = location(root)
     manifest = read_manifest(root, spec.data)
     view = spec.view(cascade)
     if isinstance(view, ImageView) and view.embeddings:
@@ -75,12 +78,58 @@ def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: s
     return root
 
 
-def _finished(folder: Path) -> StageResult | None:
-    done = folder / "result.json"
-    if not done.is_file():
+def location(path: str | Path) -> str:
+    """A folder as a string: an absolute local path, or the URL (s3://, file://, ...) as given."""
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
+
+
+def _fs(url: str):
+    return fsspec.core.url_to_fs(url)[0]
+
+
+def _read_json(url: str) -> dict | None:
+    fs = _fs(url)
+    if not fs.isfile(url):
         return None
-    result = StageResult(**json.loads(done.read_text()))
-    return result if Path(result.weights_path).is_file() else None
+    with fs.open(url, "r") as fh:
+        return json.load(fh)
+
+
+def _write_json(url: str, obj: Any) -> None:
+    fs = _fs(url)
+    fs.makedirs(url.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(url, "w") as fh:
+        json.dump(obj, fh)
+
+
+def _remove(url: str) -> None:
+    fs = _fs(url)
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def _finished(folder: str) -> StageResult | None:
+    done = _read_json(join(folder, "result.json"))
+    if done is None:
+        return None
+    result = StageResult(**done)
+    return result if _fs(result.weights_path).isfile(result.weights_path) else None
+
+
+@contextlib.contextmanager
+def _staged(folder: str) -> Iterator[Path]:
+    """A local folder to write the stage's files into: `folder` itself when it is local, else a
+    temporary one whose files are copied to `folder` afterwards."""
+    if "://" not in folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="mav-stage-") as tmp:
+        yield Path(tmp)
+        fs = _fs(folder)
+        fs.makedirs(folder, exist_ok=True)
+        for file in sorted(Path(tmp).iterdir()):
+            fs.put_file(str(file), join(folder, file.name))
 
 
 def _settings_hash(stage: str, cfg: Any, data: str) -> str:
@@ -91,20 +140,19 @@ def _settings_hash(stage: str, cfg: Any, data: str) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _stage_run(folder: Path, tracker: MlflowTracker, stage: str, parent_run_id: str | None, settings: str) -> str:
+def _stage_run(folder: str, tracker: MlflowTracker, stage: str, parent_run_id: str | None, settings: str) -> str:
     """The stage's MLflow run: the one a stopped attempt left in run.json, else a new child run.
     A stopped attempt with other settings is not resumed into (its checkpoints and logged params
     belong to those settings): that is an error asking for --force."""
-    record = folder / "run.json"
-    if record.is_file():
-        stopped = json.loads(record.read_text())
+    record = join(folder, "run.json")
+    stopped = _read_json(record)
+    if stopped is not None:
         if stopped.get("settings") not in (None, settings):
             raise ValueError(f"stage {stage!r} was started with other settings (config or data) in {folder}; "
                              "rerun with force (mav train --force) to start it over, or use another run folder")
         return tracker.start(stage, resume_run_id=stopped["run_id"])
     run_id = tracker.start(stage, parent_run_id=parent_run_id, tags={"stage": stage})
-    folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"run_id": run_id, "settings": settings}))
+    _write_json(record, {"run_id": run_id, "settings": settings})
     return run_id
 
 
@@ -118,7 +166,7 @@ def worker_cpus(train: StageTrainConfig, node_cpus: Iterable[float]) -> int:
     return max(1, min(per_node, default=1) // train.num_workers)
 
 
-def fit_stage(stage: str, config: dict[str, Any], train: StageTrainConfig, storage: Path):
+def fit_stage(stage: str, config: dict[str, Any], train: StageTrainConfig, storage: str):
     """One TorchTrainer run; resumes from `storage/<stage>` when an earlier attempt left checkpoints."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -170,34 +218,35 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
     Ray checkpoints so training starts over."""
     cascade, train_cfg = _configs(cfg)
     train = train_cfg.stage(stage)
-    root = Path(run_root).resolve()
-    folder = root / stage
+    root = location(run_root)
+    tracking_uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, root)
+    folder = join(root, stage)
     if force:
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(root / "ray" / stage, ignore_errors=True)
+        _remove(folder)
+        _remove(join(root, "ray", stage))
     done = _finished(folder)
     if done is not None:
         print(f"[{stage}] already trained: {done.weights_path} (version {done.version}); skipped")
         return done
     data = stage_data(stage, cascade, images, videos)
-    tracking_uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, str(root))
     _check_sources({dep: "mlflow" for dep in requires(stage, cascade)}, tracking_uri)
     tracker = MlflowTracker(tracking_uri, experiment or train_cfg.experiment)
     run_id = _stage_run(folder, tracker, stage, parent_run_id, _settings_hash(stage, cfg, data))
-    config = job_config(stage, cfg, data, str(root), tracking_uri=tracking_uri, experiment=tracker.experiment,
+    config = job_config(stage, cfg, data, root, tracking_uri=tracking_uri, experiment=tracker.experiment,
                         run_id=run_id, split=split)
     try:
-        result = fit_stage(stage, config, train, root / "ray")
-        weights = _final_weights(result, folder, stage, train.steps)
-        log_dataset(tracker, data)
-        tracker.log_dict({k: v for k, v in config.items() if k != "fail_at_step"}, "config/resolved.json")
-        version = tracker.register_weights(stage, str(weights))
+        result = fit_stage(stage, config, train, join(root, "ray"))
+        with _staged(folder) as local:
+            weights = _final_weights(result, local, stage, train.steps)
+            log_dataset(tracker, data)
+            tracker.log_dict({k: v for k, v in config.items() if k != "fail_at_step"}, "config/resolved.json")
+            version = tracker.register_weights(stage, str(weights))
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end("FINISHED")
-    out = StageResult(stage, str(weights), run_id, version, train.steps)
-    (folder / "result.json").write_text(json.dumps(asdict(out)))
+    out = StageResult(stage, join(folder, weights.name), run_id, version, train.steps)
+    _write_json(join(folder, "result.json"), asdict(out))
     return out
 
 
@@ -276,7 +325,7 @@ def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos
     read them."""
     cascade, train_cfg = _configs(cfg)
     order = stages_for(stages, cascade)
-    uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, str(Path(run_root).resolve()))
+    uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, location(run_root))
     kw = {"images": images, "videos": videos, "run_root": run_root, "tracking_uri": uri,
           "experiment": experiment, "force": force}
 

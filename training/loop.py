@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+import fsspec
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -40,7 +41,7 @@ from model.checkpoint import load_weights, save_weights
 from model.config import CascadeConfig
 from model.precision import autocast_context, default_precision, grad_scaler
 from training.config import StageTrainConfig
-from training.data import stage_batches
+from training.data import join, stage_batches
 from training.stages import ImageView, SampleRng, Stage, after_step, build_stage, weights_module
 from training.tracking import MlflowTracker, NullTracker, Tracker
 
@@ -224,11 +225,12 @@ def maybe_fail(job: Job, worker: Worker, step: int) -> None:
     """The chaos knob (module doc): the last worker raises once at step `fail_at_step`."""
     if job.fail_at_step != step or worker.rank != worker.world - 1:
         return
-    marker = Path(job.run_root) / job.stage / f".chaos-{step}"
-    if marker.exists():
+    marker = join(job.run_root, job.stage, f".chaos-{step}")
+    fs = fsspec.core.url_to_fs(marker)[0]
+    if fs.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    fs.makedirs(join(job.run_root, job.stage), exist_ok=True)
+    fs.touch(marker)
     raise RuntimeError(f"chaos: {CHAOS_ENV}={step} stopped worker {worker.rank} of stage {job.stage}")
 
 

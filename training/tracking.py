@@ -59,7 +59,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, ParamValue]:
 
 
 def default_tracking_uri(run_root: str) -> str:
-    """The embedded store: a sqlite file in the run folder (nothing to start, no server)."""
+    """The embedded store: a sqlite file in the run folder (nothing to start, no server). A run folder in
+    object storage (s3://...) cannot hold one: name a tracking server instead."""
+    if run_root.startswith("file://"):
+        run_root = urlparse(run_root).path
+    elif "://" in run_root:
+        raise ValueError(f"the run folder {run_root} is not on a local disk, where MLflow's embedded sqlite "
+                         "store would go: name a tracking server (--set train.tracking_uri=URL or "
+                         "MLFLOW_TRACKING_URI)")
     return f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}"
 
 
