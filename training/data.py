@@ -33,6 +33,7 @@ from training.stages import ImageView, VideoView
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+EMBEDDING_TABLES_KEPT = 8  # shards a shuffle buffer spans at once, with room to spare
 Split = Literal["samples", "shards"]
 
 
@@ -149,14 +150,19 @@ class ImageDecoder:
 
     def __init__(self, root: str, view: ImageView) -> None:
         self.root, self.view = root, view
-        self._emb_url: str | None = None
-        self._emb: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+        self._tables: dict[str, dict[str, tuple[np.ndarray, np.ndarray] | None]] = {}
 
     def _embeddings(self, url: str) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
-        if url != self._emb_url:  # shards are read one after another: keep one shard's table
+        """The shard's embeddings table. The shuffle buffer mixes samples of the shards it spans, so the
+        last few shards' tables are kept (least recently used dropped), not only the current one."""
+        table = self._tables.pop(url, None)
+        if table is None:
             name = url[len(self.root.rstrip("/")) + 1:]
-            self._emb, self._emb_url = load_embeddings(embeddings_path(self.root, name)), url
-        return self._emb
+            table = load_embeddings(embeddings_path(self.root, name))
+            while len(self._tables) >= EMBEDDING_TABLES_KEPT:
+                self._tables.pop(next(iter(self._tables)))
+        self._tables[url] = table  # now the most recently used
+        return table
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator, progress: float) -> dict | None:
         key, out = sample["__key__"], {}
