@@ -177,7 +177,7 @@ def first_batch(job, stage) -> dict[str, torch.Tensor]:
 
     return next(stage_batches(job.data, stage.spec.view(job.cascade), global_batch=job.train.batch_size, rank=0,
                               world=1, seed=job.train.seed, total_steps=job.train.steps,
-                              tokenizer=tokenizer_for(stage)))
+                              tokenizer=tokenizer_for(stage), shuffle_buffer=job.train.shuffle_buffer))
 
 
 def fixed_batch_loss(chain, name: str, trained: bool) -> float:
