@@ -114,16 +114,18 @@ def _shuffled(samples: Iterator[dict[str, Any]], size: int, rng: np.random.Gener
               ) -> Iterator[dict[str, Any]]:
     """`samples` through a buffer of `size` (0 or 1: unchanged): once it is full, each new sample takes
     the place of a random one, which is yielded; the rest leave in random order at the end."""
+    if size <= 1:
+        yield from samples
+        return
     buffer: list[dict[str, Any]] = []
     for sample in samples:
-        if len(buffer) < max(size, 1):
+        if len(buffer) < size:
             buffer.append(sample)
             continue
-        j = int(rng.integers(len(buffer)))
+        j = int(rng.integers(size))
         yield buffer[j]
         buffer[j] = sample
-    if size > 1:
-        rng.shuffle(buffer)
+    rng.shuffle(buffer)
     yield from buffer
 
 
