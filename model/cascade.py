@@ -193,7 +193,8 @@ def _sample_stage(cascade: Cascade, stage: str, shape: Sequence[int], cond: dict
         hooks["denoised_fn"] = _clamp
     out = sample(model, make_schedule(stage_cfg.diffusion), stage_cfg.sampler, tuple(shape), cond,
                  prediction=stage_cfg.diffusion.prediction, generator=generator, uncond_kwargs=uncond,
-                 callback=callback, device=cascade.device, dtype=torch.float32, **hooks)
+                 callback=callback, device=cascade.device, dtype=torch.float32,
+                 frame_share=stage_cfg.diffusion.frame_noise_share, **hooks)
     return out.clamp(-1, 1) if pixels else out
 
 

@@ -86,6 +86,10 @@ class DiffusionConfig(ConfigBase):
     noise_aug_max: float = Field(0.0, ge=0.0, le=1.0, description="SR: max noise-conditioning augmentation level")
     residual: bool = Field(False, description="SR: diffuse the difference to the bilinear upsample of the clean "
                            "low-res input; with prediction x0 an untrained net returns that upsample")
+    frame_noise_share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="video stages: share of the noise's variance common to every frame of "
+        "a clip, in training and sampling (PYoCo's mixed noise, Ge et al. 2023); each frame's noise stays "
+        "N(0, I), so the image decoder's per-frame denoising is unchanged, and frames start alike")
 
 
 class SamplerConfig(ConfigBase):

@@ -86,11 +86,16 @@ def alpha_sigma(schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> tupl
     return ab.sqrt(), (1 - ab).sqrt()
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None, frame_share: float = 0.0) -> torch.Tensor:
     """Gaussian noise shaped like x, drawn on the generator's device (so a CPU generator seeds CUDA runs
-    reproducibly) and moved to x's device."""
+    reproducibly) and moved to x's device. For a video x (B, C, F, H, W) and frame_share r > 0 (Ge et al.
+    2023, "Preserve Your Own Correlation", mixed noise): sqrt(r) * one draw shared by the clip's frames +
+    sqrt(1 - r) * one draw per frame, so each frame is still N(0, I) and two frames correlate by r."""
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
+    if frame_share > 0 and x.ndim == 5:
+        shared = torch.randn((*x.shape[:2], 1, *x.shape[3:]), generator=generator, device=device, dtype=torch.float32)
+        noise = math.sqrt(frame_share) * shared + math.sqrt(1 - frame_share) * noise
     return noise.to(device=x.device, dtype=x.dtype)
 
 

@@ -29,7 +29,8 @@ def _check_compatible(src: UNetConfig, dst: UNetConfig) -> None:
         raise ValueError(f"cannot shrink extra_in_channels {src.extra_in_channels} -> {dst.extra_in_channels}")
 
 
-def _is_new(key: str) -> bool:
+def is_added(key: str) -> bool:
+    """Whether a parameter name is one inflation adds (a temporal layer's or the fps embedding's)."""
     return key.startswith(_NEW_PREFIXES) or any(part in key for part in _NEW_PARTS)
 
 
@@ -57,7 +58,7 @@ def expand_state_dict(state_dict: dict[str, torch.Tensor], src: UNetConfig, dst:
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if unexpected:
         raise ValueError(f"state_dict has keys the target net lacks: {unexpected[:5]}")
-    not_new = [k for k in missing if not _is_new(k)]
+    not_new = [k for k in missing if not is_added(k)]
     if not_new:
         raise ValueError(f"state_dict lacks weights the target net needs: {not_new[:5]}")
     return net

@@ -19,6 +19,8 @@ Hooks, shared by all samplers, applied to the clean-data estimate x0 of every st
   starting x_T gets the same treatment. This is how the interpolation stage keeps its given frames
   (mask over the frame axis of (B, C, F, H, W)) and image animation holds the first frame.
 - `callback(step, t, x, x0)` after every step, with x the new state and x0 this step's estimate.
+- `frame_share`: the starting noise (and the fresh noise of DDPM / DDIM eta > 0 steps) of a video is
+  `randn_like(..., frame_share)`'s mixed noise; give the value the stage was trained with.
 """
 from __future__ import annotations
 
@@ -87,10 +89,10 @@ class _Denoiser:
 
 
 def _initial_noise(shape_or_x_T: Sequence[int] | torch.Tensor, generator: torch.Generator | None,
-                   device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+                   device: torch.device | str, dtype: torch.dtype, frame_share: float = 0.0) -> torch.Tensor:
     if isinstance(shape_or_x_T, torch.Tensor):
         return shape_or_x_T
-    return randn_like(torch.empty(tuple(shape_or_x_T), device=device, dtype=dtype), generator)
+    return randn_like(torch.empty(tuple(shape_or_x_T), device=device, dtype=dtype), generator, frame_share)
 
 
 def _progress(ts: list[int], progress: bool):
@@ -106,7 +108,7 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, frame_share: float = 0.0) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 "Denoising Diffusion Probabilistic Models", Algorithm 2.
 
     Each step draws x_s ~ q(x_s | x_t, x0_hat), the Gaussian posterior with mean
@@ -115,7 +117,7 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
     With steps < T this is the respaced DDPM of Nichol & Dhariwal 2021. The last step returns the mean."""
     denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
     ts = timestep_sequence(schedule.timesteps, steps)
-    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype), ts[0])
+    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype, frame_share), ts[0])
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_s = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
@@ -124,7 +126,7 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
         x_prev = x
         x = (math.sqrt(ab_s) * beta / (1 - ab_t)) * x0 + (math.sqrt(1 - beta) * (1 - ab_s) / (1 - ab_t)) * x_prev
         if t_next >= 0:
-            x = x + math.sqrt(beta * (1 - ab_s) / (1 - ab_t)) * randn_like(x, generator)
+            x = x + math.sqrt(beta * (1 - ab_s) / (1 - ab_t)) * randn_like(x, generator, frame_share)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -136,7 +138,7 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, eta: float = 0.0) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, eta: float = 0.0, frame_share: float = 0.0) -> torch.Tensor:
     """Song, Meng & Ermon 2021 "Denoising Diffusion Implicit Models", eq. 12 with sigma from eq. 16:
 
     x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z,
@@ -145,7 +147,7 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
     the DDPM posterior."""
     denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
     ts = timestep_sequence(schedule.timesteps, steps)
-    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype), ts[0])
+    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype, frame_share), ts[0])
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_s = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
@@ -153,7 +155,7 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
         x0, eps = denoise(x, t)
         x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * randn_like(x, generator)
+            x = x + sigma * randn_like(x, generator, frame_share)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -165,7 +167,7 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
                     generator: torch.Generator | None = None, callback: Callback | None = None,
                     progress: bool = False, x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                     denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, frame_share: float = 0.0) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", Algorithm 2: a second-order multistep solver of the probability-flow ODE in
     the data prediction, with lambda = log(a/s) and h = lambda_s - lambda_t:
@@ -175,7 +177,7 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
     final step to the clean data (s = 0) returns x0_hat. Deterministic given x_T."""
     denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
     ts = timestep_sequence(schedule.timesteps, steps)
-    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype), ts[0])
+    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype, frame_share), ts[0])
     x0_prev, h_prev = None, None
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
@@ -214,7 +216,8 @@ def sample(model: Model, schedule: Schedule, sampler_cfg: SamplerConfig,
     uncond_kwargs are then required: model_kwargs with the condition replaced by its null
     (`diffusion.null_condition`). `hooks` pass through (callback, progress, x_known, mask, denoised_fn,
     device, dtype). noise_aug_level is not applied here: the SR stage noises its low-res input with
-    `diffusion.noise_augment` and passes it in model_kwargs."""
+    `diffusion.noise_augment` and passes it in model_kwargs; frame_share is a hook (the stage's
+    DiffusionConfig.frame_noise_share, which training used too)."""
     kwargs = dict(model_kwargs or {})
     net = model
     if sampler_cfg.guidance_scale != 1.0:

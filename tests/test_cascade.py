@@ -162,3 +162,17 @@ def test_stage_seeds_are_stable_and_distinct():
     assert len(seeds) == len(STAGE_ORDER) and stage_seed(7, "prior") == stage_seed(7, "prior")
     assert stage_seed(7, "prior") != stage_seed(8, "prior")
     assert stage_seed(0, "prior") == 5808915875746014367  # fixed across processes and Python versions
+
+
+def test_shared_frame_noise_starts_identity_temporal_layers_on_one_image(cascade):
+    """Dt's temporal layers start as the identity, so before training it is the image decoder run per
+    frame: with independent noise per frame its frames are unrelated samples; with most of the noise
+    shared by the frames (diffusion.frame_noise_share, PYoCo's mixed noise) they start as one image."""
+    spread = {}
+    for share in (0.0, 0.95):
+        cfg = cascade.cfg.model_copy(deep=True)
+        cfg.temporal.diffusion.frame_noise_share = share
+        video = text_to_video(dataclasses.replace(cascade, cfg=cfg), PROMPT, 8, 3, stop_at="temporal",
+                              progress=False)["temporal"]
+        spread[share] = (video - video.mean(dim=2, keepdim=True)).pow(2).mean().item()  # variance over frames
+    assert spread[0.95] < 0.2 * spread[0.0]

@@ -6,8 +6,8 @@ import torch
 
 from model.config import DiffusionConfig
 from model.diffusion import (alpha_sigma, cfg_model, drop_condition, make_schedule, noise_augment, null_condition,
-                             output_to_eps, output_to_x0, q_sample, random_aug_levels, residual_clamp,
-                             sample_timesteps, target_for, training_loss)
+                             output_to_eps, output_to_x0, q_sample, randn_like, random_aug_levels,
+                             residual_clamp, sample_timesteps, target_for, training_loss)
 
 SHAPES = [(6, 8), (6, 3, 5, 5), (6, 3, 4, 5, 5)]  # embeddings, images, videos
 
@@ -81,6 +81,23 @@ def test_training_loss_is_zero_for_the_oracle(schedule, prediction):
     assert training_loss(oracle, schedule, x0, t, {}, prediction, noise=noise).item() < 1e-8
     assert training_loss(oracle, schedule, x0, t, {"shift": 0.5}, prediction, noise=noise).item() == \
         pytest.approx(0.25, rel=1e-4)
+
+
+@pytest.mark.parametrize("share", [0.3, 0.8])
+def test_mixed_frame_noise_is_unit_per_frame_and_correlated_across_frames(share):
+    x = torch.empty(64, 3, 5, 16, 16)
+    noise = randn_like(x, torch.Generator().manual_seed(0), frame_share=share)
+    per_frame = noise.transpose(1, 2).reshape(64 * 5, -1)  # one row per frame
+    assert per_frame.var(dim=1).mean().item() == pytest.approx(1.0, abs=0.02)
+    a, b = noise[:, :, 1].flatten(), noise[:, :, 3].flatten()  # two frames of the same clips
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1].item() == pytest.approx(share, abs=0.02)
+    other = noise[torch.arange(1, 65) % 64, :, 3].flatten()  # the same frame of other clips
+    assert abs(torch.corrcoef(torch.stack([a, other]))[0, 1].item()) < 0.02
+    # share 0 and images: the plain draw, so configs without the option reproduce earlier samples
+    assert torch.equal(randn_like(x, torch.Generator().manual_seed(0), 0.0), torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    image = torch.empty(4, 3, 8, 8)
+    assert torch.equal(randn_like(image, torch.Generator().manual_seed(0), share),
+                       randn_like(image, torch.Generator().manual_seed(0)))
 
 
 def test_training_loss_seeded_and_trainable(schedule):

@@ -401,6 +401,33 @@ def test_a_worker_reserves_its_share_of_the_cores() -> None:
     assert worker_cpus(StageTrainConfig(), [0.0]) == 1  # a head node without CPUs does not count
 
 
+def test_trainable_temporal_keeps_the_image_weights() -> None:
+    """train.<stage>.trainable="temporal": an optimiser step changes the temporal layers and the fps
+    embedding that inflation added, never the image decoder's spatial weights; a stage without temporal
+    layers is refused by name."""
+    from model.inflate import is_added
+    from training.loop import restrict_trainable
+
+    cascade = cascade_preset("tiny")
+    torch.manual_seed(0)
+    net = build_network("temporal", cascade)
+    restrict_trainable(net, "temporal", "temporal")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    video = torch.randn(2, 3, cascade.shape.frames, cascade.shape.base_size, cascade.shape.base_size)
+    out = net(video, torch.tensor([10, 500]), cond_emb=torch.randn(2, cascade.clip.embed_dim), fps=torch.tensor([4.0, 8.0]))
+    out.pow(2).mean().backward()
+    optimizer.step()
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(is_added(k) for k in changed)
+    assert any(".temporal." in k for k in changed)
+    spatial = [k for k, p in net.named_parameters() if not is_added(k)]
+    assert spatial and not any(net.get_parameter(k).requires_grad for k in spatial)
+    with pytest.raises(ValueError, match="decoder has no temporal layers"):
+        restrict_trainable(build_network("decoder", cascade), "temporal", "decoder")
+
+
 def test_train_command_and_stage_order() -> None:
     import argparse
 

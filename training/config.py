@@ -23,6 +23,9 @@ class StageTrainConfig(ConfigBase):
     shuffle_buffer: int = Field(1000, ge=0, description="samples held to shuffle the stream across shard order "
                                 "(0: shard order); a contrastive loss needs new negatives each epoch")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    trainable: Literal["all", "temporal"] = Field(
+        "all", description="temporal: train only what inflation added to the image decoder (temporal layers, "
+        "fps embedding) and keep its spatial weights as trained on images; for the video stages")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     num_workers: int = Field(1, ge=1, description="Ray Train workers (processes)")
     use_gpu: bool = False

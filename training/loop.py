@@ -182,12 +182,29 @@ class State:
     step: int = 0
 
 
+def restrict_trainable(module: nn.Module, trainable: str, stage: str) -> None:
+    """trainable "temporal": only the parameters inflation added (`model.inflate.is_added`) keep
+    requires_grad; the rest stay as the stage was initialised (the image decoder's spatial weights)."""
+    if trainable == "all":
+        return
+    from model.inflate import is_added
+
+    added = 0
+    for name, param in module.named_parameters():
+        param.requires_grad_(is_added(name))
+        added += param.numel() if is_added(name) else 0
+    if not added:
+        raise ValueError(f"train.{stage}.trainable={trainable!r}, but stage {stage} has no temporal layers")
+
+
 def build_state(job: Job, worker: Worker) -> tuple[Stage, State]:
     torch.manual_seed(job.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     stage, module = build_stage(job.stage, job.cascade, job.load, worker.device)
+    restrict_trainable(module, job.train.trainable, job.stage)  # before DDP: it registers what trains
     net = worker.prepare(module)
     raw = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-    optimizer = torch.optim.AdamW(raw.parameters(), lr=job.train.lr, weight_decay=job.train.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=job.train.lr,
+                                  weight_decay=job.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job.train))
     scaler = grad_scaler(precision(job, worker), worker.device)
     return stage, State(net, raw, Ema(raw, job.train.ema_decay), optimizer, scheduler, scaler)

@@ -60,8 +60,8 @@ class SampleRng:
     def timesteps(self, schedule: Schedule, device: torch.device) -> torch.Tensor:
         return torch.cat([sample_timesteps(schedule, 1, device, g) for g in self.gens])  # (B,)
 
-    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([randn_like(x[i:i + 1], g) for i, g in enumerate(self.gens)])
+    def noise_like(self, x: torch.Tensor, frame_share: float = 0.0) -> torch.Tensor:
+        return torch.cat([randn_like(x[i:i + 1], g, frame_share) for i, g in enumerate(self.gens)])
 
     def drop(self, cond: torch.Tensor | Mapping[str, torch.Tensor], p: float):
         """Classifier-free dropout (`diffusion.drop_condition`), one draw per sample."""
@@ -132,7 +132,7 @@ class Stage:
     def diffusion_loss(self, net: Callable, x0: torch.Tensor, rng: SampleRng, **model_kwargs: Any) -> torch.Tensor:
         return training_loss(net, self.schedule, x0, t=rng.timesteps(self.schedule, x0.device),
                              model_kwargs=model_kwargs, prediction=self.cfg.diffusion.prediction,
-                             noise=rng.noise_like(x0))
+                             noise=rng.noise_like(x0, self.cfg.diffusion.frame_noise_share))
 
     def video_embedding(self, video: torch.Tensor) -> torch.Tensor:
         """The mean CLIP image embedding of a clip's frames, renormalised: (B, C, F, H, W) -> (B, D)."""
@@ -150,7 +150,8 @@ class Stage:
              model_kwargs: Mapping | None = None, **hooks: Any) -> torch.Tensor:
         """A preview sample: the stage's sampler at PREVIEW_STEPS steps, no guidance."""
         return sample(net, self.schedule, self.preview_sampler(), shape, model_kwargs,
-                      prediction=self.cfg.diffusion.prediction, generator=generator, device=device, **hooks)
+                      prediction=self.cfg.diffusion.prediction, generator=generator, device=device,
+                      frame_share=self.cfg.diffusion.frame_noise_share, **hooks)
 
 
 # --- losses ------------------------------------------------------------------------------------------
