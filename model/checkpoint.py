@@ -88,7 +88,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     through torch.load(weights_only=True). Metadata values written by `save_weights` come back as Python
     objects (the config as a dict). Raises FileNotFoundError naming the path when it is absent.
     `path` may be a URL (s3://, gs://, file://: anything fsspec opens): it is read from a temporary copy."""
-    if _is_url(path):
+    if is_url(path):
         with fetched(path) as local:
             return load_weights(local)
     path = Path(path)
@@ -104,7 +104,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Metadata of a safetensors file without loading its tensors (only the header is read)."""
-    if _is_url(path):
+    if is_url(path):
         with fetched(path) as local:
             return read_metadata(local)
     path = Path(path)
@@ -116,7 +116,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         return _decode_metadata(f.metadata())
 
 
-def _is_url(path: str | os.PathLike) -> bool:
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URL (scheme://...) rather than a local path."""
     return "://" in os.fspath(path)
 
 

@@ -42,6 +42,11 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def filesystem(url: str):
+    """The fsspec filesystem that holds `url` (a local path or any fsspec URL)."""
+    return fsspec.core.url_to_fs(url)[0]
+
+
 def read_manifest(root: str, kind: str) -> dict[str, Any]:
     """The dataset folder's manifest; its kind must match what the stage reads."""
     path = join(root, "manifest.json")

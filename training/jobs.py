@@ -33,10 +33,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 
-from model.checkpoint import load_weights, save_weights
+from model.checkpoint import is_url, load_weights, save_weights
 from model.config import CascadeConfig
 from training.config import STAGES, StageTrainConfig, TrainConfig
-from training.data import embeddings_path, join, read_manifest, shard_urls
+from training.data import embeddings_path, filesystem, join, read_manifest, shard_urls
 from training.loop import CHAOS_ENV, Job, run, train_loop_per_worker
 from training.stages import ImageView, requires, stage_spec
 from training.tracking import MlflowTracker, pipeline_parent_run, resolve_tracking_uri
@@ -69,7 +69,7 @@ def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: s
     manifest = read_manifest(root, spec.data)
     view = spec.view(cascade)
     if isinstance(view, ImageView) and view.embeddings:
-        fs, _ = fsspec.core.url_to_fs(root)
+        fs = filesystem(root)
         missing = [p for p in (embeddings_path(root, u[len(root) + 1:]) for u in shard_urls(root, manifest))
                    if not fs.exists(p)]
         if missing:
@@ -80,15 +80,11 @@ def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: s
 
 def location(path: str | Path) -> str:
     """A folder as a string: an absolute local path, or the URL (s3://, file://, ...) as given."""
-    return str(path) if "://" in str(path) else str(Path(path).resolve())
-
-
-def _fs(url: str):
-    return fsspec.core.url_to_fs(url)[0]
+    return str(path) if is_url(path) else str(Path(path).resolve())
 
 
 def _read_json(url: str) -> dict | None:
-    fs = _fs(url)
+    fs = filesystem(url)
     if not fs.isfile(url):
         return None
     with fs.open(url, "r") as fh:
@@ -96,14 +92,14 @@ def _read_json(url: str) -> dict | None:
 
 
 def _write_json(url: str, obj: Any) -> None:
-    fs = _fs(url)
+    fs = filesystem(url)
     fs.makedirs(url.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(url, "w") as fh:
         json.dump(obj, fh)
 
 
 def _remove(url: str) -> None:
-    fs = _fs(url)
+    fs = filesystem(url)
     if fs.exists(url):
         fs.rm(url, recursive=True)
 
@@ -113,20 +109,20 @@ def _finished(folder: str) -> StageResult | None:
     if done is None:
         return None
     result = StageResult(**done)
-    return result if _fs(result.weights_path).isfile(result.weights_path) else None
+    return result if filesystem(result.weights_path).isfile(result.weights_path) else None
 
 
 @contextlib.contextmanager
 def _staged(folder: str) -> Iterator[Path]:
     """A local folder to write the stage's files into: `folder` itself when it is local, else a
     temporary one whose files are copied to `folder` afterwards."""
-    if "://" not in folder:
+    if not is_url(folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
         yield Path(folder)
         return
     with tempfile.TemporaryDirectory(prefix="mav-stage-") as tmp:
         yield Path(tmp)
-        fs = _fs(folder)
+        fs = filesystem(folder)
         fs.makedirs(folder, exist_ok=True)
         for file in sorted(Path(tmp).iterdir()):
             fs.put_file(str(file), join(folder, file.name))
@@ -295,10 +291,10 @@ def _check_sources(sources: dict[str, str], tracking_uri: str) -> None:
 def log_dataset(tracker: MlflowTracker, data: str) -> None:
     """The manifest the stage trained on: an MLflow dataset input for a local folder; for an object-store
     folder (the tracker reads local files only) the manifest itself as an artifact."""
-    if "://" not in data:
+    if not is_url(data):
         tracker.log_manifest(str(Path(data) / "manifest.json"), context="training")
         return
-    with fsspec.open(f"{data.rstrip('/')}/manifest.json", "r") as fh:
+    with fsspec.open(join(data, "manifest.json"), "r") as fh:
         tracker.log_dict(json.load(fh), "datasets/training/manifest.json")
 
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-import fsspec
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -41,7 +40,7 @@ from model.checkpoint import load_weights, save_weights
 from model.config import CascadeConfig
 from model.precision import autocast_context, default_precision, grad_scaler
 from training.config import StageTrainConfig
-from training.data import join, stage_batches
+from training.data import filesystem, join, stage_batches
 from training.stages import ImageView, SampleRng, Stage, after_step, build_stage, weights_module
 from training.tracking import MlflowTracker, NullTracker, Tracker
 
@@ -189,10 +188,10 @@ def restrict_trainable(module: nn.Module, trainable: str, stage: str) -> None:
         return
     from model.inflate import is_added
 
-    added = 0
+    added = False
     for name, param in module.named_parameters():
         param.requires_grad_(is_added(name))
-        added += param.numel() if is_added(name) else 0
+        added |= is_added(name)
     if not added:
         raise ValueError(f"train.{stage}.trainable={trainable!r}, but stage {stage} has no temporal layers")
 
@@ -243,7 +242,7 @@ def maybe_fail(job: Job, worker: Worker, step: int) -> None:
     if job.fail_at_step != step or worker.rank != worker.world - 1:
         return
     marker = join(job.run_root, job.stage, f".chaos-{step}")
-    fs = fsspec.core.url_to_fs(marker)[0]
+    fs = filesystem(marker)
     if fs.exists(marker):
         return
     fs.makedirs(join(job.run_root, job.stage), exist_ok=True)
