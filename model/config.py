@@ -177,7 +177,7 @@ def _toy() -> CascadeConfig:
     interp_sampler = SamplerConfig(name="dpmpp_2m", steps=10, guidance_scale=3.0)
     return CascadeConfig(
         shape=CascadeShape(frames=8, frame_skip=3, base_size=32, sr_low_size=64, sr_high_size=128),
-        clip=ClipConfig(model_name="mav-toy-clip", embed_dim=64, image_size=64, context_length=16),
+        clip=ClipConfig(model_name="mav-toy-clip", embed_dim=64, image_size=32, context_length=16),
         prior=PriorStage(net=PriorConfig(embed_dim=64, text_len=16, width=128, depth=4, heads=4), sampler=sampler),
         decoder=UNetStage(net=unet, sampler=sampler),
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler),
