@@ -24,6 +24,8 @@ BENCHES = {  # name -> (script, what the ratio compares)
     "images": ("bench_images.py", "image flow vs bare img2dataset on the same loopback-served toy images"),
     "train": ("bench_train.py", "tiny decoder samples/s: Ray Train over plain PyTorch, same process count"),
     "sampling": ("bench_sampling.py", "seconds per cascade stage and peak memory, tiny and toy presets"),
+    "data": ("bench_data.py", "image stages' data path: ms per batch with the last shards' embeddings tables "
+             "kept over one table"),
 }
 
 
@@ -64,6 +66,11 @@ def _rows(name: str, data: dict) -> list[str]:
                 rows.append(f"| {preset} | {stage} | {st['steps']} | {st['seconds']:.2f} | {st['peak_mem_mb']} | "
                             f"{'x'.join(str(n) for n in st['output_shape'])} |")
         return rows
+    if name == "data":
+        return [f"| one table (the current shard's) | {data['ms_per_batch_one_table']} |",
+                f"| last {data['tables_kept']} tables kept | {data['ms_per_batch_tables_kept']} |",
+                f"| speed-up ({data['images']} images in {data['shards']} shards, batch {data['batch']}, "
+                f"shuffle buffer {data['shuffle_buffer']}) | {data['speedup']:.2f}x |"]
     return [f"| {k} | {json.dumps(v)[:120]} |" for k, v in data.items() if not isinstance(v, (list, dict))]
 
 
@@ -72,6 +79,7 @@ HEADERS = {
     "sampling": "| preset | stage | steps | seconds | peak memory (MB) | output shape |\n|---|---|---:|---:|---:|---|",
     "images": "| run | images/s | CPU-s per image |\n|---|---:|---:|",
     "pseudo3d": "| layer (paper decoder size, 16 frames) | FLOPs full/factorised | CPU time full/factorised |\n|---|---:|---:|",
+    "data": "| embeddings tables kept | ms per batch |\n|---|---:|",
     "decode": "| target fps | decord frames/s | PyAV frames/s | decord/PyAV |\n|---|---:|---:|---:|",
 }
 

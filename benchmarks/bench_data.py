@@ -1,0 +1,83 @@
+"""The image stages' data path: milliseconds per training batch with the last shards' embeddings tables
+kept (`training.data.EMBEDDING_TABLES_KEPT`) against keeping only the current shard's table (baseline).
+
+A toy world's images go through the real image flow (filter, img2dataset download into webdataset shards)
+and the real embeddings step (a seeded from-scratch CLIP: the vectors' values do not matter here), then
+`training.data.stage_batches` reads them as the decoder does (32 px pixels + embeddings, shuffle buffer
+of 1000 samples). The shuffle buffer mixes samples of several shards, so a loader that keeps one table
+re-reads a shard's parquet at almost every sample.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import training.data as data
+from model.config import cascade_preset
+from pipelines.config import ImageDataConfig
+from pipelines.embed import embed_image_dataset
+from pipelines.flows.images import build_image_dataset
+from pipelines.safety import UrlPolicy
+from pipelines.world import WorldConfig, generate_world, rebase_world, serve_world, world_preset
+from training.stages import ImageView
+
+
+def ms_per_batch(root: str, kept: int, batches: int, batch: int, size: int) -> float:
+    data.EMBEDDING_TABLES_KEPT = kept
+    stream = data.stage_batches(root, ImageView(size, True, False), global_batch=batch, rank=0, world=1, seed=0,
+                                total_steps=batches + 1, shuffle_buffer=1000)
+    next(stream)  # fills the shuffle buffer
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return (time.perf_counter() - start) / batches * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "data.json")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base = world_preset("toy")
+    world_cfg = WorldConfig.model_validate({**base.model_dump(), "n_images": args.images, "n_videos": 8,
+                                            "n_hdvila_videos": 3, "slow_rows": 0})
+    cfg = ImageDataConfig(image_size=128, samples_per_shard=250, processes=2, threads=16, retries=0)
+    policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0)
+    cascade = cascade_preset("toy")
+    default_kept = data.EMBEDDING_TABLES_KEPT
+    with tempfile.TemporaryDirectory() as tmp:
+        world, root = Path(tmp) / "world", f"{tmp}/images"
+        generate_world(world, world_cfg)
+        with serve_world(world, port=0) as server:
+            rebase_world(world, server.url)
+            build_image_dataset([str(world / "laion.parquet")], root, cfg, policy)
+        embed_image_dataset(root, cascade.clip, None, use_gpu=False)
+        shards = len(json.loads((Path(root) / "manifest.json").read_text())["shards"])
+        runs = {1: [], default_kept: []}
+        for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits both alike
+            for kept in runs:
+                runs[kept].append(ms_per_batch(root, kept, args.batches, 32, cascade.shape.base_size))
+    baseline, kept = min(runs[1]), min(runs[default_kept])
+    result = {
+        "device": "cpu", "cores": os.cpu_count(), "images": args.images, "shards": shards, "batch": 32,
+        "batches": args.batches, "shuffle_buffer": 1000, "tables_kept": default_kept,
+        "ms_per_batch_one_table": round(baseline, 1), "ms_per_batch_tables_kept": round(kept, 1),
+        "speedup": round(baseline / kept, 2), "runs_ms": {str(k): [round(v, 1) for v in vs] for k, vs in runs.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
