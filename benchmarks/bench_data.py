@@ -23,9 +23,10 @@ from model.config import cascade_preset
 from pipelines.config import ImageDataConfig
 from pipelines.embed import embed_image_dataset
 from pipelines.flows.images import build_image_dataset
-from pipelines.safety import UrlPolicy
-from pipelines.world import WorldConfig, generate_world, rebase_world, serve_world, world_preset
+from pipelines.world import generate_world, rebase_world, serve_world
 from training.stages import ImageView
+
+from _toy_images import LOOPBACK_POLICY, image_world, write_result
 
 
 def ms_per_batch(root: str, kept: int, batches: int, batch: int, size: int) -> float:
@@ -47,11 +48,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base = world_preset("toy")
-    world_cfg = WorldConfig.model_validate({**base.model_dump(), "n_images": args.images, "n_videos": 8,
-                                            "n_hdvila_videos": 3, "slow_rows": 0})
+    world_cfg = image_world(args.images)
     cfg = ImageDataConfig(image_size=128, samples_per_shard=250, processes=2, threads=16, retries=0)
-    policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0)
+    policy = LOOPBACK_POLICY
     cascade = cascade_preset("toy")
     default_kept = data.EMBEDDING_TABLES_KEPT
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,9 +72,7 @@ def main() -> int:
         "ms_per_batch_one_table": round(baseline, 1), "ms_per_batch_tables_kept": round(kept, 1),
         "speedup": round(baseline / kept, 2), "runs_ms": {str(k): [round(v, 1) for v in vs] for k, vs in runs.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

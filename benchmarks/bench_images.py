@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 from pipelines.config import ImageDataConfig
 from pipelines.flows.images import build_image_dataset
 from pipelines.images.filters import filter_metadata, split_kept
-from pipelines.safety import UrlPolicy
-from pipelines.world import WorldConfig, generate_world, rebase_world, serve_world, world_preset
+from pipelines.world import generate_world, rebase_world, serve_world
+
+from _toy_images import LOOPBACK_POLICY, image_world, write_result
 
 
 def _cpu() -> float:
@@ -53,12 +54,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "images.json")
     parser.add_argument("--images", type=int, default=1500)
     args = parser.parse_args()
-    base = world_preset("toy")
-    # No slow rows: a timeout would measure the world's sleep, not the downloaders.
-    world_cfg = WorldConfig.model_validate({**base.model_dump(), "n_images": args.images, "n_videos": 8,
-                                            "n_hdvila_videos": 3, "slow_rows": 0})
+    world_cfg = image_world(args.images)
     cfg = ImageDataConfig(image_size=64, samples_per_shard=500, processes=2, threads=16, retries=0)
-    policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0)
+    policy = LOOPBACK_POLICY
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "world"
         generate_world(root, world_cfg)
@@ -81,9 +79,7 @@ def main() -> int:
         "flow_over_bare_throughput": round(bare_wall / flow_wall, 3),
         "flow_over_bare_cpu_per_image": round(flow_cpu / max(bare_cpu, 1e-9), 3),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -190,8 +190,9 @@ def restrict_trainable(module: nn.Module, trainable: str, stage: str) -> None:
 
     added = False
     for name, param in module.named_parameters():
-        param.requires_grad_(is_added(name))
-        added |= is_added(name)
+        keep = is_added(name)
+        param.requires_grad_(keep)
+        added |= keep
     if not added:
         raise ValueError(f"train.{stage}.trainable={trainable!r}, but stage {stage} has no temporal layers")
 
