@@ -10,7 +10,6 @@ re-reads a shard's parquet at almost every sample.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -50,7 +49,6 @@ def main() -> int:
     torch.set_num_threads(1)
     world_cfg = image_world(args.images)
     cfg = ImageDataConfig(image_size=128, samples_per_shard=250, processes=2, threads=16, retries=0)
-    policy = LOOPBACK_POLICY
     cascade = cascade_preset("toy")
     default_kept = data.EMBEDDING_TABLES_KEPT
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,9 +56,9 @@ def main() -> int:
         generate_world(world, world_cfg)
         with serve_world(world, port=0) as server:
             rebase_world(world, server.url)
-            build_image_dataset([str(world / "laion.parquet")], root, cfg, policy)
+            build_image_dataset([str(world / "laion.parquet")], root, cfg, LOOPBACK_POLICY)
         embed_image_dataset(root, cascade.clip, None, use_gpu=False)
-        shards = len(json.loads((Path(root) / "manifest.json").read_text())["shards"])
+        shards = len(data.read_manifest(root, "images")["shards"])
         runs = {1: [], default_kept: []}
         for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits both alike
             for kept in runs:

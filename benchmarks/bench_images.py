@@ -56,7 +56,6 @@ def main() -> int:
     args = parser.parse_args()
     world_cfg = image_world(args.images)
     cfg = ImageDataConfig(image_size=64, samples_per_shard=500, processes=2, threads=16, retries=0)
-    policy = LOOPBACK_POLICY
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "world"
         generate_world(root, world_cfg)
@@ -66,7 +65,7 @@ def main() -> int:
             pq.write_table(kept.select(["URL", "TEXT"]), Path(tmp) / "kept.parquet")
             bare_wall, bare_cpu = _measure(lambda: _bare(str(Path(tmp) / "kept.parquet"), f"{tmp}/bare", cfg))
             flow_wall, flow_cpu = _measure(lambda: build_image_dataset(
-                [str(root / "laion.parquet")], f"{tmp}/flow", cfg, policy))
+                [str(root / "laion.parquet")], f"{tmp}/flow", cfg, LOOPBACK_POLICY))
             written = json.loads((Path(tmp) / "flow" / "manifest.json").read_text())["counts"]["written"]
     n = len(kept)
     result = {
