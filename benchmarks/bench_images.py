@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import resource
 import tempfile
@@ -23,6 +22,7 @@ from pipelines.config import ImageDataConfig
 from pipelines.flows.images import build_image_dataset
 from pipelines.images.filters import filter_metadata, split_kept
 from pipelines.world import generate_world, rebase_world, serve_world
+from training.data import read_manifest
 
 from _toy_images import LOOPBACK_POLICY, image_world, write_result
 
@@ -66,7 +66,7 @@ def main() -> int:
             bare_wall, bare_cpu = _measure(lambda: _bare(str(Path(tmp) / "kept.parquet"), f"{tmp}/bare", cfg))
             flow_wall, flow_cpu = _measure(lambda: build_image_dataset(
                 [str(root / "laion.parquet")], f"{tmp}/flow", cfg, LOOPBACK_POLICY))
-            written = json.loads((Path(tmp) / "flow" / "manifest.json").read_text())["counts"]["written"]
+            written = read_manifest(f"{tmp}/flow", "images")["counts"]["written"]
     n = len(kept)
     result = {
         "device": "cpu", "cores": os.cpu_count(), "input_rows": args.images, "kept_rows": n, "written": written,
