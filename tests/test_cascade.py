@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, stage_network, stage_seed,
-                           stages_needed, super_resolve_high, super_resolve_low, text_to_video, to_base, vary_video,
-                           video_embedding)
+from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, sample_prior, stage_network,
+                           stage_seed, stages_needed, super_resolve_high, super_resolve_low, text_to_video, to_base,
+                           vary_video, video_embedding)
+from model.clip import tokenize
 from model.config import cascade_preset
 from model.frames import spread_indices
 from model.layers import resize
@@ -176,3 +177,21 @@ def test_shared_frame_noise_starts_identity_temporal_layers_on_one_image(cascade
                               progress=False)["temporal"]
         spread[share] = (video - video.mean(dim=2, keepdim=True)).pow(2).mean().item()  # variance over frames
     assert spread[0.95] < 0.2 * spread[0.0]
+
+
+def test_prior_candidates_keep_the_one_closest_to_the_text(cascade):
+    """DALL-E 2's re-ranking: with `prior.candidates` k, each prompt's k embeddings are the ones k copies of
+    the prompt would get in one batch (same seed), and the one kept has the highest dot product with the
+    prompt's CLIP text embedding."""
+    prompts, k = PROMPT + ["a green square on a white background"], 3
+    repeated = [p for p in prompts for _ in range(k)]
+    each = sample_prior(cascade, repeated, torch.Generator().manual_seed(5)).view(len(prompts), k, -1)  # (B, K, D)
+    cfg = cascade.cfg.model_copy(deep=True)
+    cfg.prior.candidates = k
+    chosen = sample_prior(dataclasses.replace(cascade, cfg=cfg), prompts, torch.Generator().manual_seed(5))
+    tokens = tokenize(cascade.clip, cascade.tokenizer, prompts)
+    text = torch.nn.functional.normalize(cascade.clip.encode_text(tokens).float(), dim=-1)  # (B, D)
+    scores = torch.einsum("bkd,bd->bk", each, text)
+    assert not torch.allclose(each[:, 0], each[:, 1])  # the candidates differ
+    torch.testing.assert_close(chosen, each[torch.arange(len(prompts)), scores.argmax(dim=1)])
+    assert chosen.shape == (len(prompts), cfg.prior.net.embed_dim)
