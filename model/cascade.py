@@ -210,14 +210,11 @@ def sample_prior(cascade: Cascade, prompts: Sequence[str], generator: torch.Gene
         text_emb = cascade.clip.encode_text(tokens, normalize=True).float()  # (B, D)
         text_tokens = encode_text_tokens(cascade.clip, tokens).float()  # (B, L, D)
     cond = {"text_emb": text_emb, "text_tokens": text_tokens, "text_mask": tokens != 0}
+    # DALL-E 2's re-ranking: k candidates per prompt (rows i*k .. i*k+k-1), keep the closest to the text.
     k, b = cascade.cfg.prior.candidates, len(prompts)
-    if k > 1:  # candidates of one prompt are rows i*k .. i*k+k-1
-        cond = {key: value.repeat_interleave(k, dim=0) for key, value in cond.items()}
-    emb = Fn.normalize(_sample_stage(cascade, "prior", (b * k, cascade.cfg.prior.net.embed_dim), cond, generator,
-                                     bar), dim=-1)
-    if k == 1:
-        return emb
-    emb = emb.view(b, k, -1)  # (B, K, D)
+    cond = {key: value.repeat_interleave(k, dim=0) for key, value in cond.items()}
+    emb = _sample_stage(cascade, "prior", (b * k, cascade.cfg.prior.net.embed_dim), cond, generator, bar)
+    emb = Fn.normalize(emb, dim=-1).view(b, k, -1)  # (B, K, D)
     best = torch.einsum("bkd,bd->bk", emb, text_emb).argmax(dim=1)  # (B,)
     return emb[torch.arange(b, device=emb.device), best]
 
