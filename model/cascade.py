@@ -29,8 +29,8 @@ from torch import nn
 from model.clip import build_clip, encode_images, encode_text_tokens, tokenize
 from model.config import CascadeConfig
 from model.diffusion import around_base, make_schedule, noise_augment, null_condition, residual_base
-from model.frames import (animation_mask, fill_by_windows, interpolation_channels, mask_from_indices, place_at,
-                          plan_windows, spread_indices, two_image_mask)
+from model.frames import (animation_mask, fill_by_windows, interpolation_channels, linear_fill, mask_from_indices,
+                          place_at, plan_windows, spread_indices, two_image_mask)
 from model.layers import fold_frames
 from model.networks import build_network
 from model.precision import Precision, autocast_context, default_precision
@@ -231,23 +231,30 @@ def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: 
 def sample_masked(cascade: Cascade, video: torch.Tensor, known: torch.Tensor, emb: torch.Tensor, fps: float,
                   generator: torch.Generator, bar: ProgressBar | None = None) -> torch.Tensor:
     """F on one window: video (B, C, T, H, W) with known frames in place, known (T,) bool. The known
-    frames enter as F's extra channels and are held exactly by the sampler's x_known/mask hook."""
-    extra = interpolation_channels(video, known, cascade.cfg.interpolation.known_fill)  # (B, C+1, T, H, W)
+    frames enter as F's extra channels and are held exactly by the sampler's x_known/mask hook; with
+    fill_strength < 1 the unknown ones start from their linear fill, noised (SDEdit)."""
+    stage_cfg = cascade.cfg.interpolation
+    extra = interpolation_channels(video, known, stage_cfg.known_fill)  # (B, C+1, T, H, W)
     cond = {"cond_emb": emb, "fps": _fps(fps, video.shape[0], video.device), "extra": extra}
     mask = known.to(video.device)[None, None, :, None, None]  # (1, 1, T, 1, 1)
-    return _sample_stage(cascade, "interpolation", video.shape, cond, generator, bar, x_known=video, mask=mask)
+    start = {}
+    if stage_cfg.fill_strength < 1.0:
+        start = {"x_init": linear_fill(video, known), "strength": stage_cfg.fill_strength}
+    return _sample_stage(cascade, "interpolation", video.shape, cond, generator, bar, x_known=video, mask=mask,
+                         **start)
 
 
 def interpolate_frames(cascade: Cascade, video: torch.Tensor, target: int, emb: torch.Tensor, fps: float,
                        generator: torch.Generator, bar: ProgressBar | None = None) -> torch.Tensor:
     """F: (B, C, F, H, W) -> (B, C, target, H, W), the given frames spread evenly and kept exactly, the
-    rest generated window by window (windows of the trained clip length, one frame of overlap)."""
+    rest generated window by window (`plan_windows`: windows of the trained clip length, each starting on a
+    known frame)."""
     known_idx = spread_indices(video.shape[2], target)
     placed, _ = place_at(video, known_idx, target)  # (B, C, T, H, W)
     known = mask_from_indices(known_idx, target)
     if bool(known.all()):
         return video
-    return fill_by_windows(placed, known, cascade.cfg.shape.frames, 1,
+    return fill_by_windows(placed, known, cascade.cfg.shape.frames,
                            lambda v, m: sample_masked(cascade, v, m, emb, fps, generator, bar))
 
 

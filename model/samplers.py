@@ -19,6 +19,9 @@ Hooks, shared by all samplers, applied to the clean-data estimate x0 of every st
   starting x_T gets the same treatment. This is how the interpolation stage keeps its given frames
   (mask over the frame axis of (B, C, F, H, W)) and image animation holds the first frame.
 - `callback(step, t, x, x0)` after every step, with x the new state and x0 this step's estimate.
+- `x_init`, `strength`: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with
+  Stochastic Differential Equations"): the steps span the lowest round(strength*T) indices and the start
+  is x_init noised to the first of them; strength 1 with no x_init is plain sampling from noise.
 - `frame_share`: the starting noise (and the fresh noise of DDPM / DDIM eta > 0 steps) of a video is
   `randn_like(..., frame_share)`'s mixed noise; give the value the stage was trained with.
 """
@@ -38,14 +41,18 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 DenoisedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def timestep_sequence(num_timesteps: int, steps: int) -> list[int]:
+def timestep_sequence(num_timesteps: int, steps: int, strength: float = 1.0) -> list[int]:
     """`steps` descending indices, "trailing" spacing (Lin et al. 2024, "Common Diffusion Noise Schedules
     and Sample Steps are Flawed", sec. 3.3): round(T - i*T/steps) - 1, so sampling always starts at T-1,
     steps == T visits every index, and the last network call sits T/steps - 1 above index 0 rather than
-    spending an evaluation at the almost-clean index 0."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
-    return [round(num_timesteps * (1 - i / steps)) - 1 for i in range(steps)]
+    spending an evaluation at the almost-clean index 0. strength < 1 spaces them over the lowest
+    round(strength*T) indices instead (SDEdit's partial trajectory)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    top = round(num_timesteps * strength)
+    if not 1 <= steps <= top:
+        raise ValueError(f"steps must be in 1..{top} ({num_timesteps} timesteps at strength {strength}), got {steps}")
+    return [round(top * (1 - i / steps)) - 1 for i in range(steps)]
 
 
 def _alpha_bar(schedule: Schedule, t: int) -> float:
@@ -65,12 +72,15 @@ class _Denoiser:
         self.x_known, self.denoised_fn = x_known, denoised_fn
         self.known = None if mask is None else mask.to(torch.bool)
 
-    def start(self, x_T: torch.Tensor, t: int) -> torch.Tensor:
-        """Put the noised known entries into the starting noise."""
-        if self.known is None:
-            return x_T
+    def start(self, noise: torch.Tensor, t: int, x_init: torch.Tensor | None = None) -> torch.Tensor:
+        """The state at index t: the noise, or x_init noised to t (SDEdit); the known entries noised to t."""
+        if self.known is None and x_init is None:
+            return noise
         a, s = self.schedule.alpha_sigma_at(t)
-        return torch.where(self.known.to(x_T.device), a * self.x_known.to(x_T) + s * x_T, x_T)
+        x = noise if x_init is None else a * x_init.to(noise) + s * noise
+        if self.known is None:
+            return x
+        return torch.where(self.known.to(noise.device), a * self.x_known.to(noise) + s * noise, x)
 
     def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, s = self.schedule.alpha_sigma_at(t)
@@ -95,6 +105,17 @@ def _initial_noise(shape_or_x_T: Sequence[int] | torch.Tensor, generator: torch.
     return randn_like(torch.empty(tuple(shape_or_x_T), device=device, dtype=dtype), generator, frame_share)
 
 
+def _begin(denoise: _Denoiser, schedule: Schedule, shape_or_x_T: Sequence[int] | torch.Tensor, steps: int,
+           generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype, frame_share: float,
+           x_init: torch.Tensor | None, strength: float) -> tuple[list[int], torch.Tensor]:
+    """The visited indices and the starting state: the noise (x_init noised to the first index when given),
+    known entries put in."""
+    if strength < 1.0 and x_init is None:
+        raise ValueError(f"strength {strength} < 1 starts from a noised x_init; pass one")
+    ts = timestep_sequence(schedule.timesteps, steps, strength)
+    return ts, denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype, frame_share), ts[0], x_init)
+
+
 def _progress(ts: list[int], progress: bool):
     if not progress:
         return ts
@@ -108,7 +129,8 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, frame_share: float = 0.0) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
+                x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 "Denoising Diffusion Probabilistic Models", Algorithm 2.
 
     Each step draws x_s ~ q(x_s | x_t, x0_hat), the Gaussian posterior with mean
@@ -116,8 +138,7 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
     b (1-ab_s)/(1-ab_t), where b = 1 - ab_t/ab_s (for steps == T, b is the schedule's beta_t).
     With steps < T this is the respaced DDPM of Nichol & Dhariwal 2021. The last step returns the mean."""
     denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
-    ts = timestep_sequence(schedule.timesteps, steps)
-    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype, frame_share), ts[0])
+    ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_s = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
@@ -138,7 +159,8 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, eta: float = 0.0, frame_share: float = 0.0) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, eta: float = 0.0, frame_share: float = 0.0,
+                x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Song, Meng & Ermon 2021 "Denoising Diffusion Implicit Models", eq. 12 with sigma from eq. 16:
 
     x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z,
@@ -146,8 +168,7 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
     eta = 0 is the deterministic DDIM (a first-order solver of the probability-flow ODE); eta = 1 matches
     the DDPM posterior."""
     denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
-    ts = timestep_sequence(schedule.timesteps, steps)
-    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype, frame_share), ts[0])
+    ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_s = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
@@ -167,7 +188,8 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
                     generator: torch.Generator | None = None, callback: Callback | None = None,
                     progress: bool = False, x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                     denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, frame_share: float = 0.0) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
+                    x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", Algorithm 2: a second-order multistep solver of the probability-flow ODE in
     the data prediction, with lambda = log(a/s) and h = lambda_s - lambda_t:
@@ -176,8 +198,7 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
     r = h_prev / h; the first step uses D = x0_hat_t (DPM-Solver++(1) = DDIM). As in k-diffusion, the
     final step to the clean data (s = 0) returns x0_hat. Deterministic given x_T."""
     denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
-    ts = timestep_sequence(schedule.timesteps, steps)
-    x = denoise.start(_initial_noise(shape_or_x_T, generator, device, dtype, frame_share), ts[0])
+    ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     x0_prev, h_prev = None, None
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1

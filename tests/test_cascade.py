@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, sample_prior, stage_network,
-                           stage_seed, stages_needed, super_resolve_high, super_resolve_low, text_to_video, to_base,
-                           vary_video, video_embedding)
+from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, sample_masked, sample_prior,
+                           stage_network, stage_seed, stages_needed, super_resolve_high, super_resolve_low,
+                           text_to_video, to_base, vary_video, video_embedding)
 from model.clip import tokenize
 from model.config import cascade_preset
-from model.frames import spread_indices
+from model.frames import linear_fill, mask_from_indices, spread_indices
 from model.layers import resize
 
 PROMPT = ["a red circle on a blue background"]
@@ -56,6 +56,24 @@ def test_stop_at_runs_a_prefix_with_the_same_results(cascade, full):
     assert list(text_to_video(cascade, PROMPT, 8, 3, stop_at="prior", progress=False).outputs) == ["prior"]
     with pytest.raises(ValueError, match="stop_at"):
         text_to_video(cascade, PROMPT, 8, 3, stop_at="decoder", progress=False)
+
+
+def test_interpolation_starts_from_the_blend_of_its_neighbours(cascade):
+    """fill_strength < 1 (SDEdit): the known frames are still held exactly and the new frames start from the
+    noised linear blend of their neighbours - near it at a low strength even under random weights, far from
+    it when sampled from pure noise (strength 1)."""
+    video = torch.rand(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    known = mask_from_indices([0, 3], 4)
+    blend = linear_fill(video, known)
+    away = {}
+    for strength in (1.0, 0.02):
+        stage = cascade.cfg.interpolation.model_copy(update={"fill_strength": strength})
+        cfg = cascade.cfg.model_copy(update={"interpolation": stage})
+        out = sample_masked(dataclasses.replace(cascade, cfg=cfg), video, known, torch.randn(2, 32), 8.0,
+                            torch.Generator().manual_seed(0))
+        assert torch.equal(out[:, :, known], video[:, :, known])
+        away[strength] = (out - blend)[:, :, ~known].abs().mean().item()
+    assert away[0.02] < 0.1 < 0.3 < away[1.0]
 
 
 def test_interpolation_holds_the_base_frames_exactly(full):

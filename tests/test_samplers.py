@@ -87,6 +87,38 @@ def test_known_frames_are_kept_exactly(schedule, name):
     assert steps == timestep_sequence(1000, 8)
 
 
+@pytest.mark.parametrize("name,steps", [("ddim", 200), ("dpmpp_2m", 50)])
+def test_sdedit_start_solves_from_the_noised_x_init(schedule, name, steps):
+    """strength < 1: the ODE starts at index round(strength*T)-1 from a x_init + s x_T, so for the Gaussian
+    the exact answer is mu + sigma (x_start - a mu) / sqrt(a^2 sigma^2 + s^2) there - near x_init for a low
+    strength, unlike the same noise sampled from T."""
+    x_T = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    x_init = torch.full((500, 4), 2.5)
+    visited: list[int] = []
+    out = SAMPLERS[name](gaussian_model(schedule, "eps"), schedule, x_T, steps, x_init=x_init, strength=0.3,
+                         callback=lambda i, t, x, x0: visited.append(t))
+    assert visited == timestep_sequence(1000, steps, 0.3) and visited[0] == 299
+    a, s = schedule.alpha_sigma_at(299)
+    x_start = a * x_init + s * x_T
+    exact = MU + SIGMA * (x_start - a * MU) / (a**2 * SIGMA**2 + s**2) ** 0.5
+    torch.testing.assert_close(out, exact, atol=0.03, rtol=0)
+    from_noise = SAMPLERS[name](gaussian_model(schedule, "eps"), schedule, x_T, steps)
+    assert (out - x_init).abs().mean() < 0.5 * (from_noise - x_init).abs().mean()
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sdedit_start_keeps_known_frames(schedule, name):
+    x_known = torch.rand(2, 3, 5, 4, 4) * 2 - 1  # (B, C, F, H, W)
+    mask = torch.zeros(1, 1, 5, 1, 1)
+    mask[:, :, [0, 4]] = 1
+    out = SAMPLERS[name](gaussian_model(schedule, "eps", mu=0.0), schedule, x_known.shape, 6,
+                         generator=torch.Generator().manual_seed(0), x_known=x_known, mask=mask,
+                         x_init=torch.zeros_like(x_known), strength=0.5)
+    assert torch.equal(out[:, :, [0, 4]], x_known[:, :, [0, 4]])
+    with pytest.raises(ValueError, match="x_init"):
+        SAMPLERS[name](gaussian_model(schedule, "eps"), schedule, (2, 4), 4, strength=0.5)
+
+
 def test_denoised_fn_clamps_the_estimate(schedule):
     clamp = lambda x0, t: x0.clamp(-1, 1)
     for name in SAMPLERS:
@@ -106,6 +138,12 @@ def test_timestep_sequence():
     assert timestep_sequence(10, 1) == [9]
     with pytest.raises(ValueError, match="steps"):
         timestep_sequence(10, 11)
+    assert timestep_sequence(1000, 4, strength=0.5) == [499, 374, 249, 124]
+    assert timestep_sequence(1000, 1000, strength=1.0) == timestep_sequence(1000, 1000)
+    with pytest.raises(ValueError, match="steps"):
+        timestep_sequence(1000, 11, strength=0.01)
+    with pytest.raises(ValueError, match="strength"):
+        timestep_sequence(1000, 4, strength=0.0)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
