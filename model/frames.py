@@ -127,10 +127,11 @@ def plan_windows(known: torch.Tensor, window: int) -> list[Window]:
 
     A window keeps its frames up to its last known frame and the next window starts there, so every
     unknown frame is generated between the known frames around it; the frames past that last known one
-    would be extrapolated while a known frame lies just beyond the window, and are dropped. A window with no
-    known frame after its first keeps all its frames and the next one overlaps it by one. The last window is aligned to the end and keeps everything. 16 known at skip 5 (T=76), window 16
-    -> windows starting at 0, 15, 30, 45, 60, each with known 0, 5, 10, 15; 8 known at skip 3 (T=22),
-    window 8 -> 0, 6, 12, 14, the first three with known 0, 3, 6 like a skip-3 training window."""
+    would be extrapolated while a known frame lies just beyond the window, and are dropped. A window with
+    no known frame after its first keeps all its frames and the next one overlaps it by one. The last
+    window is aligned to the end and keeps everything. 16 known at skip 5 (T=76), window 16 -> windows
+    starting at 0, 15, 30, 45, 60, each with known 0, 5, 10, 15; 8 known at skip 3 (T=22), window 8 ->
+    0, 6, 12, 14, the first three with known 0, 3, 6 like a skip-3 training window."""
     total = known.shape[0]
     if window < 2:
         raise ValueError(f"window must be >= 2 frames, got {window}")
