@@ -49,7 +49,7 @@ demo: $(STAMP) system-deps
 	$(VENV)/bin/mav demo
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/run_all.py
