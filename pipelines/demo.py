@@ -33,7 +33,8 @@ def run_demo(cfg: PipelineConfig, out: Path) -> int:
         print(f"  video           {files.get('mp4')}  (+ .gif, .grid.png, .json sidecar; watermarked)")
     ev = results["evaluation"]
     means, bar = ev["metrics"]["all"], ev["metrics"]["quality_bar"]
-    print(f"  evaluation      {ev['out']}  ({ev.get('stage', 'base')} stage: faithfulness {means['prompt_faithfulness']:.2f}, "
+    print(f"  evaluation      {ev['out']}  ({ev['stage']} stage: "
+          f"faithfulness {means['prompt_faithfulness']:.2f}, "
           f"consistency {means['temporal_consistency']:.2f}, motion share {means['motion_share']:.2f}; "
           f"quality bar {'PASSED' if bar['passed'] else 'not reached'})")
     print(f"  timings (s)     {results['timings_s']}")
