@@ -8,6 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check
+UV := $(VENV)/bin/uv pip install --python $(PY)
 # Keep every tool's state inside the project (see pipelines/env.py for the same defaults in Python).
 STATE := $(CURDIR)/.state
 export MAV_STATE_DIR := $(STATE)
@@ -39,9 +40,11 @@ system-deps:
 $(STAMP): pyproject.toml constraints.txt | system-deps
 	@echo "building $(VENV) (a few minutes the first time)"
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e .
+	@# uv (from PyPI, pinned) installs the ~4 GB stack in parallel; pip did it one wheel at a time.
+	$(PIP) install -q -c constraints.txt uv
+	$(UV) -q -c constraints.txt -e .
 	@# The dataset tools' declared requirements conflict with the stack; their real needs are in pyproject.
-	$(PIP) install -q --no-deps -c constraints.txt img2dataset video2dataset
+	$(UV) -q --no-deps -c constraints.txt img2dataset video2dataset
 	$(PY) -c "import torch, torchvision, ray, prefect, mlflow, open_clip, decord, webdataset, img2dataset, video2dataset"
 	@touch $(STAMP)
 

@@ -3,8 +3,9 @@
 Real Ray Train (the session's local cluster), a real MLflow sqlite store, the tiny preset on CPU.
 One module-scoped chain trains every stage in order (clip -> embeddings -> prior, decoder -> temporal ->
 interpolation, sr_low, sr_high), with the decoder on 2 workers (gloo DDP) and a worker killed in the prior
-stage (MAV_FAIL_AT_STEP); the tests read its MLflow store and registry. Ray jobs cost seconds each of
-process start-up on a small machine, so the chain is the only place they run.
+stage (MAV_FAIL_AT_STEP); the last three stages train in the test's process with the same loop
+(`in_process`); the tests read its MLflow store and registry. Ray jobs cost seconds each of process
+start-up on a small machine, so the chain (and one run-folder URL test) is the only place they run.
 """
 from __future__ import annotations
 
@@ -114,6 +115,9 @@ def video_dataset(root: Path, size: int, shards: int = 2, per_shard: int = 4) ->
 # --- the chain: every stage once, in order, on Ray Train with a real MLflow store -----------------------
 
 CHAOS_STAGE, CHAOS_STEP, CHAOS_STEPS = "prior", 4, 6
+# Trained in the test's process with the same loop (run_stage(in_process=True)): a Ray Train job costs ~25 s
+# of process start-up here, and these stages add no Ray path the others do not take.
+IN_PROCESS = ("sr_high", "interpolation", "sr_low")
 
 
 def tiny_config() -> SimpleNamespace:
@@ -155,8 +159,9 @@ def chain(ray_session, tmp_path_factory):
         results.update(train_all([CHAOS_STAGE], cfg, images=str(images), run_root=str(run_root)))
     finally:
         os.environ.pop(CHAOS_ENV)
-    rest = ["sr_high", "interpolation", "temporal", "decoder", "sr_low"]  # train_all puts them in order
-    results.update(train_all(rest, cfg, images=str(images), videos=str(videos), run_root=str(run_root)))
+    for stages, in_process in ((["temporal", "decoder"], False), (list(IN_PROCESS), True)):  # put in order
+        results.update(train_all(stages, cfg, images=str(images), videos=str(videos), run_root=str(run_root),
+                                 in_process=in_process))
     return SimpleNamespace(cfg=cfg, images=images, videos=videos, run_root=run_root, uri=uri, results=results)
 
 
@@ -209,8 +214,13 @@ def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
         params = run.data.params
         assert params["stage"] == name and int(params["train.steps"]) == result.steps
         assert params["cascade.shape.frames"] == str(chain.cfg.cascade.shape.frames)
-        # the local cluster's 2 cores shared by the stage's workers, not Ray's default of 1 each
-        assert params["worker.torch_threads"] == str(2 // int(params["train.num_workers"])), name
+        if name in IN_PROCESS:  # no Ray run; the last two checkpoints in local/<stage>
+            assert not (chain.run_root / "ray" / name).exists(), name
+            steps = [int(p.name.split("_")[1]) for p in sorted((chain.run_root / "local" / name).glob("step_*"))]
+            assert steps == [result.steps - 2, result.steps], name
+        else:  # the local cluster's 2 cores shared by the stage's workers, not Ray's default of 1 each
+            assert params["worker.torch_threads"] == str(2 // int(params["train.num_workers"])), name
+            assert list((chain.run_root / "ray" / name).glob("checkpoint_*")), name
         steps = [m.step for m in mlflow.get_metric_history(result.run_id, "loss")]
         assert steps == list(range(1, result.steps + 1)), name
         assert {"lr", "samples_per_s"} <= set(run.data.metrics)
@@ -226,11 +236,11 @@ def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
 
 def test_a_progress_line_reaches_the_worker_logs_once(chain) -> None:
     """Ray Train patches print in its workers to log it too (stdout and stderr, both sent to the driver):
-    each worker that trained sr_high has its last progress line once in its .out and .err together."""
+    each worker that trained temporal has its last progress line once in its .out and .err together."""
     import ray
 
-    steps = chain.results["sr_high"].steps
-    line = f"[sr_high] step {steps}/{steps} loss"
+    steps = chain.results["temporal"].steps
+    line = f"[temporal] step {steps}/{steps} loss"
     counts: dict[str, int] = {}
     for path in Path(ray._private.worker._global_node.get_logs_dir_path()).glob("worker-*"):
         if path.suffix in (".out", ".err"):
@@ -302,6 +312,35 @@ def test_two_ray_workers_give_the_loss_curve_of_one_worker(chain, tmp_path) -> N
     ddp = [m.value for m in client(chain.uri).get_metric_history(ddp_run.info.run_id, "loss")]
     assert len(single) == len(ddp) == train.decoder.steps
     np.testing.assert_allclose(ddp, single, rtol=1e-4)
+
+
+def test_a_stage_trained_in_process_resumes_where_it_stopped(tmp_path, monkeypatch) -> None:
+    """run_stage(in_process=True): no Ray. A failure at step 4 (checkpoints every 2 steps, step 3 logged)
+    leaves the step-2 checkpoint; the re-run resumes the same MLflow run there, logs every step once,
+    keeps the last two checkpoints and registers the weights. A URL run folder is refused up front."""
+    from training.jobs import run_stage
+    from training.loop import CHAOS_ENV
+    from training.tracking import default_tracking_uri
+
+    cfg = tiny_config()
+    cfg.train = cfg.train.model_copy(update={"clip": cfg.train.clip.model_copy(update={"steps": 6})})
+    images = image_dataset(tmp_path / "images", cfg.cascade.shape.sr_high_size, shards=1)
+    run_root, uri = tmp_path / "run", default_tracking_uri(str(tmp_path / "run"))
+    monkeypatch.setenv(CHAOS_ENV, "4")
+    with pytest.raises(RuntimeError, match="chaos"):
+        run_stage("clip", cfg, images=str(images), run_root=str(run_root), in_process=True)
+    monkeypatch.delenv(CHAOS_ENV)
+    assert [p.name for p in (run_root / "local" / "clip").glob("step_*")] == ["step_0000002"]
+    result = run_stage("clip", cfg, images=str(images), run_root=str(run_root), in_process=True)
+    mlflow = client(uri)
+    assert [m.step for m in mlflow.get_metric_history(result.run_id, "loss")] == list(range(1, 7))
+    assert [m.step for m in mlflow.get_metric_history(result.run_id, "resumed_at_step")] == [2]
+    assert sorted(p.name for p in (run_root / "local" / "clip").glob("step_*")) == ["step_0000004", "step_0000006"]
+    assert not (run_root / "ray").exists()
+    assert mlflow.get_model_version_by_alias("mav-clip", "current").run_id == result.run_id
+    assert load_weights(result.weights_path)[1]["steps"] == 6
+    with pytest.raises(ValueError, match="local folder"):
+        run_stage("clip", cfg, images=str(images), run_root="s3://bucket/run", tracking_uri=uri, in_process=True)
 
 
 def test_a_run_folder_url_goes_through_fsspec(ray_session, tmp_path, monkeypatch) -> None:

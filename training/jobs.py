@@ -12,6 +12,8 @@ locally, registered, then copied there. An object-store run folder needs a track
                           checkpoint; its old `TorchTrainer.restore/can_restore` and
                           `resume_from_checkpoint` are deprecated and raise. So re-running a stage that
                           stopped part-way (crash, Ctrl-C) continues from its last checkpoint.
+  local/<stage>/step_N/   the same checkpoints when the stage trains in the driver's process instead
+                          (`in_process`, `mav train --in-process`); resumed the same way
   <stage>/run.json        the stage's MLflow run id, reused when the stage is resumed
   <stage>/<stage>.safetensors  final EMA weights with the resolved config as metadata (registered)
   <stage>/result.json     written after registration: the stage is done; re-runs skip it unless force
@@ -181,13 +183,30 @@ def fit_stage(stage: str, config: dict[str, Any], train: StageTrainConfig, stora
     return trainer.fit()
 
 
-def _final_weights(result: Any, folder: Path, stage: str, steps: int) -> Path:
-    """The last checkpoint's EMA weights, saved as the stage's file with the resolved config."""
+@contextlib.contextmanager
+def _trained(stage: str, config: dict[str, Any], train: StageTrainConfig, root: str,
+             in_process: bool) -> Iterator[Path]:
+    """Train the stage (a Ray Train job, or this process with the same loop); yields the folder of its
+    last checkpoint."""
+    if in_process:
+        worker = LocalWorker(join(root, "local", stage), "cuda" if train.use_gpu else "cpu")
+        run(Job.from_config(config), worker)
+        with worker.checkpoint() as path:
+            if path is None:
+                raise RuntimeError(f"stage {stage}: the run ended without a checkpoint")
+            yield Path(path)
+        return
+    result = fit_stage(stage, config, train, join(root, "ray"))
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage}: the Ray Train run ended without a checkpoint")
     with result.checkpoint.as_directory() as ckpt:
-        state = json.loads((Path(ckpt) / "state.json").read_text())
-        weights, _ = load_weights(Path(ckpt) / "weights.safetensors")
+        yield Path(ckpt)
+
+
+def _final_weights(ckpt: Path, folder: Path, stage: str, steps: int) -> Path:
+    """The last checkpoint's EMA weights, saved as the stage's file with the resolved config."""
+    state = json.loads((ckpt / "state.json").read_text())
+    weights, _ = load_weights(ckpt / "weights.safetensors")
     if state["step"] != steps:
         raise RuntimeError(f"stage {stage}: last checkpoint is at step {state['step']}, not {steps}")
     meta = {"config": state["config"], "stage": stage, "steps": steps}
@@ -208,18 +227,24 @@ def job_config(stage: str, cfg: Any, data: str, run_root: str, *, tracking_uri: 
 
 def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | None = None,
               run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
-              parent_run_id: str | None = None, force: bool = False, split: str = "samples") -> StageResult:
+              parent_run_id: str | None = None, force: bool = False, split: str = "samples",
+              in_process: bool = False) -> StageResult:
     """Train one stage on Ray Train, register its weights as `mav-<stage>@current`, and return where
     they are. A finished stage (result.json + weights) is skipped unless `force`, which also drops its
-    Ray checkpoints so training starts over."""
+    checkpoints so training starts over. `in_process`: train in this process with the same loop instead
+    (no Ray; one process whatever num_workers says, which keeps the global batch and the loss curve;
+    checkpoints in <run_root>/local/<stage>): for debugging a stage, and where Ray's start-up is the cost."""
     cascade, train_cfg = _configs(cfg)
     train = train_cfg.stage(stage)
     root = location(run_root)
+    if in_process and is_url(root):
+        raise ValueError(f"training in this process keeps its checkpoints in a local folder; {root} is a URL")
     tracking_uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, root)
     folder = join(root, stage)
     if force:
         _remove(folder)
         _remove(join(root, "ray", stage))
+        _remove(join(root, "local", stage))
     done = _finished(folder)
     if done is not None:
         print(f"[{stage}] already trained: {done.weights_path} (version {done.version}); skipped")
@@ -231,9 +256,8 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
     config = job_config(stage, cfg, data, root, tracking_uri=tracking_uri, experiment=tracker.experiment,
                         run_id=run_id, split=split)
     try:
-        result = fit_stage(stage, config, train, join(root, "ray"))
-        with _staged(folder) as local:
-            weights = _final_weights(result, local, stage, train.steps)
+        with _trained(stage, config, train, root, in_process) as ckpt, _staged(folder) as local:
+            weights = _final_weights(ckpt, local, stage, train.steps)
             log_dataset(tracker, data)
             tracker.log_dict({k: v for k, v in config.items() if k != "fail_at_step"}, "config/resolved.json")
             version = tracker.register_weights(stage, str(weights))
@@ -248,16 +272,17 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
 
 class LocalWorker:
     """The loop's runner without Ray: this process is one worker (rank and world from torch.distributed
-    when it is initialised, DDP then), checkpoints are copied to `folder/step_NNNNNNN`. For debugging a
-    stage in one process and for the benchmark's plain-PyTorch baseline."""
+    when it is initialised, DDP then), checkpoints are copied to `folder/step_NNNNNNN`, the last `keep`
+    kept (Ray Train keeps 2 too). For training a stage in this process (`run_stage(in_process=True)`)
+    and for the benchmark's plain-PyTorch baseline."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu") -> None:
+    def __init__(self, folder: str | Path, device: str = "cpu", keep: int = 2) -> None:
         import torch
         import torch.distributed as dist
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.device, self.folder = torch.device(device), Path(folder)
+        self.device, self.folder, self.keep = torch.device(device), Path(folder), keep
 
     def prepare(self, module: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel
@@ -273,6 +298,8 @@ class LocalWorker:
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         if checkpoint_dir is not None:
             shutil.copytree(checkpoint_dir, self.folder / f"step_{int(metrics['step']):07d}", dirs_exist_ok=True)
+            for old in sorted(self.folder.glob("step_*"))[:-self.keep]:
+                shutil.rmtree(old)
 
 
 def run_local(config: dict[str, Any], folder: str | Path, device: str = "cpu") -> dict[str, float]:
@@ -312,7 +339,7 @@ def stages_for(names: Iterable[str], cascade: CascadeConfig) -> list[str]:
 
 def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos: str | None = None,
               run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
-              parent_run_id: str | None = None, force: bool = False,
+              parent_run_id: str | None = None, force: bool = False, in_process: bool = False,
               after_stage: Callable[[str, StageResult], None] | None = None) -> dict[str, StageResult]:
     """Run the stages in order, each a child of one parent MLflow run (a new one unless given).
 
@@ -323,7 +350,7 @@ def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos
     order = stages_for(stages, cascade)
     uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, location(run_root))
     kw = {"images": images, "videos": videos, "run_root": run_root, "tracking_uri": uri,
-          "experiment": experiment, "force": force}
+          "experiment": experiment, "force": force, "in_process": in_process}
 
     def run_all(parent: str) -> dict[str, StageResult]:
         results = {}

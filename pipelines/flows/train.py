@@ -3,7 +3,6 @@ CLIP embedding step where it belongs (after the clip stage, before the stages th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 
@@ -14,8 +13,9 @@ from training.jobs import StageResult, stages_for, train_all
 
 def train_cascade(stages: list[str], cfg: PipelineConfig, images: str | None = None, videos: str | None = None,
                   run_root: str = "runs", *, force: bool = False, tracking_uri: str | None = None,
-                  parent_run_id: str | None = None, **_: Any) -> dict[str, StageResult]:
-    """Train `stages` (or ["all"]) and embed the image shards with the CLIP they end up using."""
+                  parent_run_id: str | None = None, in_process: bool = False) -> dict[str, StageResult]:
+    """Train `stages` (or ["all"]) and embed the image shards with the CLIP they end up using;
+    `in_process`: without Ray (training.jobs.run_stage)."""
     clip = cfg.cascade.clip
     filters = cfg.data.images.pixel_filters
 
@@ -32,7 +32,7 @@ def train_cascade(stages: list[str], cfg: PipelineConfig, images: str | None = N
             embed(str(result.weights_path))
 
     return train_all(order, cfg, images=images, videos=videos, run_root=run_root, tracking_uri=tracking_uri,
-                     parent_run_id=parent_run_id, force=force, after_stage=after)
+                     parent_run_id=parent_run_id, force=force, in_process=in_process, after_stage=after)
 
 
 @flow(name="train-cascade", log_prints=True)
