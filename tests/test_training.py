@@ -364,6 +364,29 @@ def test_a_run_folder_url_goes_through_fsspec(ray_session, tmp_path, monkeypatch
 
 # --- without Ray: the data split, the boundaries, the command ---------------------------------------------
 
+def test_a_video_stage_draws_its_clips_at_its_configured_fps(tmp_path) -> None:
+    """train.<stage>.fps_min / fps_max / fps_mean reach the clip decoder: the test videos run at 12 fps, so
+    fps 2 takes every 6th frame and fps 12 every frame, and each clip carries the fps it got; a range
+    upside down or a mean outside (0, 1) is refused with the field named."""
+    from training.config import StageTrainConfig
+    from training.data import stage_batches
+    from training.loop import fps_schedule
+    from training.stages import stage_spec
+
+    cascade = cascade_preset("tiny")
+    videos = video_dataset(tmp_path / "videos", cascade.shape.sr_low_size, shards=1, per_shard=2)
+    view = stage_spec("temporal").view(cascade)
+    for fps in (2, 12):
+        cfg = StageTrainConfig(fps_min=fps, fps_max=fps, fps_mean=(0.3, 0.6))
+        batch = next(stage_batches(str(videos), view, global_batch=2, rank=0, world=1, seed=0, total_steps=4,
+                                   fps=fps_schedule(cfg)))
+        assert batch["fps"].tolist() == [float(fps)] * 2
+    with pytest.raises(ValueError, match="fps_min 8 is above fps_max 4"):
+        StageTrainConfig(fps_min=8, fps_max=4)
+    with pytest.raises(ValueError, match="fps_mean"):
+        StageTrainConfig(fps_mean=(0.0, 0.5))
+
+
 def test_workers_split_the_global_batch_exactly(tmp_path) -> None:
     """Two workers' batches together are the one-worker batch, sample for sample, at every step, also
     after resuming at a later step; 'shards' gives each worker its own shards."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from model.config import ConfigBase
 
@@ -36,6 +36,22 @@ class StageTrainConfig(ConfigBase):
     sample_every: int = Field(500, ge=1)
     max_failures: int = Field(2, ge=0, description="FailureConfig restarts from the last checkpoint")
     seed: int = 0
+    # Video stages: each clip is drawn at an fps ~ fps_min + Beta * (fps_max - fps_min) whose mean moves
+    # from fps_mean[0] to fps_mean[1] of the range over training (training.loaders.clips.FpsSchedule);
+    # low fps = long frame strides = large motion per frame. A video too short for the stride gets the
+    # lowest fps that fits, and the model is conditioned on the fps it really got.
+    fps_min: int = Field(1, ge=1)
+    fps_max: int = Field(30, ge=1)
+    fps_mean: tuple[float, float] = Field((0.25, 0.75), description="the fps Beta's mean, as a share of "
+                                          "[fps_min, fps_max], at the start and at the end of training")
+
+    @model_validator(mode="after")
+    def _fps_range(self) -> "StageTrainConfig":
+        if self.fps_min > self.fps_max:
+            raise ValueError(f"fps_min {self.fps_min} is above fps_max {self.fps_max}")
+        if not all(0 < m < 1 for m in self.fps_mean):
+            raise ValueError(f"fps_mean values must lie strictly between 0 and 1, got {self.fps_mean}")
+        return self
 
 
 class TrainConfig(ConfigBase):

@@ -216,14 +216,16 @@ def collate(items: list[dict[str, Any]], tokenizer: Callable | None) -> dict[str
 
 def stage_batches(root: str, view: ImageView | VideoView, *, global_batch: int, rank: int, world: int,
                   seed: int, total_steps: int, start_step: int = 0, split: Split = "samples",
-                  tokenizer: Callable | None = None, shuffle_buffer: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                  tokenizer: Callable | None = None, shuffle_buffer: int = 0,
+                  fps: FpsSchedule = FpsSchedule()) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of global_batch / world samples, from step `start_step` on, forever.
-    Each batch also holds "seed" (B,) int64, the per-sample seeds for the loss's random draws."""
+    Each batch also holds "seed" (B,) int64, the per-sample seeds for the loss's random draws.
+    Video clips are drawn at fps from `fps` at the step's progress through `total_steps`."""
     if global_batch % world:
         raise ValueError(f"batch_size {global_batch} does not split over {world} workers")
     kind = "images" if isinstance(view, ImageView) else "videos"
     urls = shard_urls(root, read_manifest(root, kind))
-    decode = ImageDecoder(root, view) if kind == "images" else VideoDecoder(view)
+    decode = ImageDecoder(root, view) if kind == "images" else VideoDecoder(view, fps)
     local = global_batch // world
     if split == "shards":
         if len(urls) < world:

@@ -41,6 +41,7 @@ from model.config import CascadeConfig
 from model.precision import autocast_context, default_precision, grad_scaler
 from training.config import StageTrainConfig
 from training.data import filesystem, join, stage_batches
+from training.loaders.clips import FpsSchedule
 from training.stages import ImageView, SampleRng, Stage, after_step, build_stage, weights_module
 from training.tracking import MlflowTracker, NullTracker, Tracker
 
@@ -382,6 +383,11 @@ def tokenizer_for(stage: Stage):
     return open_clip.get_tokenizer(clip.model_name, context_length=clip.context_length)
 
 
+def fps_schedule(cfg: StageTrainConfig) -> FpsSchedule:
+    """The stage's clip fps schedule (video stages)."""
+    return FpsSchedule(cfg.fps_min, cfg.fps_max, cfg.fps_mean[0], cfg.fps_mean[1])
+
+
 def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: Tracker,
                 progress: Progress) -> float:
     """From state.step to train.steps: log, preview and checkpoint on their cadences; returns the last loss."""
@@ -389,7 +395,7 @@ def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: T
     batches = stage_batches(job.data, stage.spec.view(job.cascade), global_batch=cfg.batch_size,
                             rank=worker.rank, world=worker.world, seed=cfg.seed, total_steps=cfg.steps,
                             start_step=state.step, split=job.split, tokenizer=tokenizer_for(stage),
-                            shuffle_buffer=cfg.shuffle_buffer)
+                            shuffle_buffer=cfg.shuffle_buffer, fps=fps_schedule(cfg))
     with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-previews-") as previews:
         for batch in batches:
             step = state.step + 1
