@@ -8,7 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check
-UV := $(VENV)/bin/uv pip install --python $(PY)
+# --compile-bytecode: pip compiles .pyc at install time, uv does not by default; without them, where
+# PYTHONDONTWRITEBYTECODE is set (as on this project's machines) every process compiles what it imports.
+UV := $(VENV)/bin/uv pip install --python $(PY) --compile-bytecode
 # Keep every tool's state inside the project (see pipelines/env.py for the same defaults in Python).
 STATE := $(CURDIR)/.state
 export MAV_STATE_DIR := $(STATE)

@@ -102,8 +102,11 @@ def _constrained(args: tuple[str, ...]) -> bool:
 
 
 def _makefile_pip_installs() -> list[tuple[str, ...]]:
-    lines = [line for line in (ROOT / "Makefile").read_text().splitlines() if "$(PIP) install" in line]
-    installs = [_pip_installs("pip " + line.split("$(PIP)", 1)[1])[0] for line in lines]
+    """The project's installs in the Makefile's recipe, as pip arguments: `$(UV) ARGS` is `uv pip install
+    ARGS`, which takes pip's arguments (the images and nodes may install with pip itself; the `$(PIP)`
+    install of uv is the Makefile's own bootstrap)."""
+    lines = [line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("\t$(UV) ")]
+    installs = [_pip_installs("pip install " + line.split("$(UV)", 1)[1])[0] for line in lines]
     assert len(installs) == 2, "the Makefile's install recipe changed: update this test and infra/"
     return installs
 
