@@ -216,8 +216,8 @@ def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
         assert params["cascade.shape.frames"] == str(chain.cfg.cascade.shape.frames)
         if name in IN_PROCESS:  # no Ray run; the last two checkpoints in local/<stage>
             assert not (chain.run_root / "ray" / name).exists(), name
-            steps = [int(p.name.split("_")[1]) for p in sorted((chain.run_root / "local" / name).glob("step_*"))]
-            assert steps == [result.steps - 2, result.steps], name
+            kept = [int(p.name.split("_")[1]) for p in sorted((chain.run_root / "local" / name).glob("step_*"))]
+            assert kept == [result.steps - 2, result.steps], name
         else:  # the local cluster's 2 cores shared by the stage's workers, not Ray's default of 1 each
             assert params["worker.torch_threads"] == str(2 // int(params["train.num_workers"])), name
             assert list((chain.run_root / "ray" / name).glob("checkpoint_*")), name

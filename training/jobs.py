@@ -189,9 +189,9 @@ def _trained(stage: str, config: dict[str, Any], train: StageTrainConfig, root: 
     """Train the stage (a Ray Train job, or this process with the same loop); yields the folder of its
     last checkpoint."""
     if in_process:
-        worker = LocalWorker(join(root, "local", stage), "cuda" if train.use_gpu else "cpu")
-        run(Job.from_config(config), worker)
-        with worker.checkpoint() as path:
+        folder = join(root, "local", stage)
+        run_local(config, folder, "cuda" if train.use_gpu else "cpu")
+        with LocalWorker(folder).checkpoint() as path:
             if path is None:
                 raise RuntimeError(f"stage {stage}: the run ended without a checkpoint")
             yield Path(path)
