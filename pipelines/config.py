@@ -6,12 +6,13 @@ value fails with a message that names the field, e.g. `train.decoder.lr: Input s
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from model.config import CascadeConfig, ConfigBase, cascade_preset
 from pipelines.images.filters import ImageFilterConfig, PixelFilterConfig
@@ -47,9 +48,19 @@ class VideoDataConfig(ConfigBase):
     retries: int = Field(1, ge=0)
     distributor: Literal["auto", "local", "multiprocessing", "ray"] = Field(
         "auto", description="auto: ray when RAY_ADDRESS is set, a process pool for several shards, else in-process")
-    fps_min: int = Field(1, ge=1)
-    fps_max: int = Field(30, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_fps(cls, data: Any) -> Any:
+        """`fps_min` / `fps_max` were never read here (the flow keeps each clip's own frame rate); the clip
+        frame rate a stage trains on is `train.<stage>.fps_min / fps_max / fps_mean`. Configs saved with them
+        (earlier runs' config.yaml) still load: the keys are dropped with a warning."""
+        if isinstance(data, dict) and {"fps_min", "fps_max"} & data.keys():
+            data = {k: v for k, v in data.items() if k not in ("fps_min", "fps_max")}
+            warnings.warn("data.videos.fps_min / fps_max are ignored (the video flow keeps each clip's frame "
+                          "rate); set the training clips' rate with train.<stage>.fps_min / fps_max / fps_mean",
+                          FutureWarning, stacklevel=2)
+        return data
 
     @field_validator("clip_size")
     @classmethod
