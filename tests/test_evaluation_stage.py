@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from model.cascade import build_cascade
 from model.checkpoint import save_weights
@@ -19,7 +20,7 @@ from pipelines.config import preset_config
 from pipelines.evaluate import parse_prompt
 from pipelines.flows.evaluate import (QUALITY_BAR, PromptSpec, add_evaluate_commands, aggregate, evaluate_cascade,
                                      held_out_combinations, load_reference_videos, output_shape, prompt_set,
-                                     score_videos, world_config)
+                                     score_videos, viewing_size, world_config)
 from pipelines.world import generate_world, world_preset
 from training.tracking import MlflowTracker
 
@@ -110,6 +111,8 @@ def test_evaluate_cascade_logs_the_run(store, world, tmp_path, capsys):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/videos.csv", "evaluation/videos.json", "evaluation/samples"} <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "evaluation/samples")) == 4
+    with Image.open(tmp_path / "samples" / "000.gif") as gif:  # 64 px videos, shown at 128 px
+        assert gif.size == (128, 128) and gif.n_frames == result["rows"][0]["n_frames"]
     logged = json.loads(open(client.download_artifacts(run.info.run_id, "evaluation/videos.json",
                                                        str(tmp_path / "dl"))).read())
     assert len(logged["videos"]) == 8 and logged["videos"][0]["prompt"] == prompts[0].text
@@ -164,3 +167,11 @@ def test_registering_the_command_does_not_load_torch():
             "print(sorted(m for m in ('torch', 'open_clip', 'mlflow', 'model.cascade') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_evaluation_samples_are_enlarged_pixel_for_pixel_to_a_viewable_size():
+    video = np.random.default_rng(0).integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
+    big = viewing_size(video)
+    assert big.shape == (3, 128, 192, 3)  # factor 4: the shorter side reaches 128
+    assert np.array_equal(big[:, ::4, ::4], video) and np.array_equal(big[:, 3::4, 3::4], video)
+    assert viewing_size(big) is big and viewing_size(video[:, :30, :30]).shape == (3, 150, 150, 3)

@@ -274,8 +274,20 @@ def _generate(cascade: Any, prompts: Sequence[PromptSpec], samples: int, seed: i
     return np.concatenate(videos), specs, info, out_fps
 
 
+SAMPLE_MIN_SIDE = 128  # evaluation GIFs are enlarged to at least this side before the watermark goes on
+
+
+def viewing_size(video: np.ndarray, min_side: int = SAMPLE_MIN_SIDE) -> np.ndarray:
+    """(F, H, W, 3) enlarged by the smallest whole factor that brings its shorter side to `min_side`, each
+    pixel a block (nearest neighbour: what the evaluator scored, not a smoothed version). At the toy base
+    size (32 px) the watermark would otherwise cover half the frame and hide the object."""
+    factor = max(1, -(-min_side // min(video.shape[1:3])))
+    return video if factor == 1 else video.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def _write_outputs(out: Path, rows: list[dict], summary: dict, videos: np.ndarray, fps: float, n_gifs: int) -> None:
-    """evaluation.json, videos.csv and watermarked GIFs of the first sample of `n_gifs` prompts."""
+    """evaluation.json, videos.csv and watermarked GIFs of the first sample of `n_gifs` prompts, enlarged
+    to a viewable size first (`viewing_size`)."""
     from pipelines.watermark import WatermarkConfig, apply_watermark
 
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -285,7 +297,7 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, videos: np.ndarra
         writer.writeheader()
         writer.writerows(rows)
     for i in [i for i, r in enumerate(rows) if r["sample"] == 0][:n_gifs]:
-        write_gif(apply_watermark(videos[i], WatermarkConfig()), out / "samples" / f"{i:03d}.gif", fps)
+        write_gif(apply_watermark(viewing_size(videos[i]), WatermarkConfig()), out / "samples" / f"{i:03d}.gif", fps)
 
 
 def _weights_used(cascade: Any, weights: str, uri: str) -> dict[str, dict]:
