@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -117,11 +117,14 @@ def read_manifest(root: str) -> dict:
 JOB = "_work/job.json"
 
 
-def open_job(root: str, *, kind: str, inputs_hash: str, settings: dict[str, Any], overwrite: bool = False) -> bool:
+def open_job(root: str, *, kind: str, inputs_hash: str, settings: dict[str, Any], overwrite: bool = False,
+             earlier_forms: Sequence[dict[str, Any]] = ()) -> bool:
     """Start or resume the dataset job in `root`. Returns True when resuming.
 
     Changed inputs or settings are detected, never silently mixed: they raise unless `overwrite`,
-    which clears the folder first.
+    which clears the folder first. `earlier_forms`: the same settings as an earlier version of the code
+    wrote them (a setting since retired); a job started under one of them resumes, and its job record
+    takes the current form.
     """
     fs, path = fsspec.core.url_to_fs(root)
     job = {"kind": kind, "inputs_hash": inputs_hash, "settings_hash": hash_settings(settings)}
@@ -130,6 +133,10 @@ def open_job(root: str, *, kind: str, inputs_hash: str, settings: dict[str, Any]
         with fs.open(job_path, "r") as fh:
             old = json.load(fh)
         if old == job:
+            return True
+        if any(old == {**job, "settings_hash": hash_settings(form)} for form in earlier_forms):
+            with fs.open(job_path, "w") as fh:
+                json.dump(job, fh)
             return True
         if not overwrite:
             changed = [k for k in ("kind", "inputs_hash", "settings_hash") if old.get(k) != job[k]]

@@ -79,7 +79,10 @@ def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoData
     settings = {"videos": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json"),
                 "sources": [kind for kind, _ in sources], "rewrite_base": rewrite_base}
     inputs_hash = hash_inputs(inputs)
-    open_job(out, kind="videos", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
+    # Jobs started before data.videos.fps_min / fps_max were retired (they were never read) hashed them too.
+    earlier = {**settings, "videos": {**settings["videos"], "fps_min": 1, "fps_max": 30}}
+    open_job(out, kind="videos", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite,
+             earlier_forms=[earlier])
     rows = run_step(read_sources, sources, rewrite_base)
     outcomes, egress, samples = run_step(download_task, rows, cfg, policy, out, distributor, retry_failed)
     fs, root = fsspec.core.url_to_fs(join(out, "shards"))
