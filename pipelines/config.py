@@ -40,6 +40,11 @@ class ImageDataConfig(ConfigBase):
         "auto", description="auto: ray when RAY_ADDRESS is set, else multiprocessing")
 
 
+# Settings of VideoDataConfig since retired, with the defaults they had: saved configs that hold them still
+# load (the keys are dropped), and video jobs started under them still resume (pipelines/flows/videos.py).
+RETIRED_VIDEO_SETTINGS = {"fps_min": 1, "fps_max": 30}
+
+
 class VideoDataConfig(ConfigBase):
     clip_size: int = Field(64, ge=8, description="clips are cut and scaled to this side (even: H.264 yuv420p)")
     samples_per_shard: int = Field(100, ge=1)
@@ -55,8 +60,8 @@ class VideoDataConfig(ConfigBase):
         """`fps_min` / `fps_max` were never read here (the flow keeps each clip's own frame rate); the clip
         frame rate a stage trains on is `train.<stage>.fps_min / fps_max / fps_mean`. Configs saved with them
         (earlier runs' config.yaml) still load: the keys are dropped with a warning."""
-        if isinstance(data, dict) and {"fps_min", "fps_max"} & data.keys():
-            data = {k: v for k, v in data.items() if k not in ("fps_min", "fps_max")}
+        if isinstance(data, dict) and RETIRED_VIDEO_SETTINGS.keys() & data.keys():
+            data = {k: v for k, v in data.items() if k not in RETIRED_VIDEO_SETTINGS}
             warnings.warn("data.videos.fps_min / fps_max are ignored (the video flow keeps each clip's frame "
                           "rate); set the training clips' rate with train.<stage>.fps_min / fps_max / fps_mean",
                           FutureWarning, stacklevel=2)

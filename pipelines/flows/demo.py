@@ -7,7 +7,6 @@ evaluation are kept while the weights and settings that made them are the same (
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipelines.flows.images import build_image_dataset
 from pipelines.flows.train import train_cascade
 from pipelines.flows.videos import build_video_dataset
 from pipelines.generate import generate
-from pipelines.manifest import format_counts
+from pipelines.manifest import format_counts, hash_settings
 from training.registry import stage_versions
 from training.tracking import default_tracking_uri
 from pipelines.world import WorldConfig, generate_world, serve_world
@@ -52,7 +51,7 @@ def reuse_step(folder: Path, inputs: dict, run: Callable[[], Any]) -> tuple[Any,
     """(result, reused). `run()` (a JSON-ready result) runs unless `folder/step.json` records the same
     `inputs`; then its result is returned without running. The record is written only after `run()`
     returned, so a step killed half-way runs again; changed inputs (new weights, another config) too."""
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    key = hash_settings(inputs)
     record = folder / "step.json"
     if record.is_file():
         done = json.loads(record.read_text())
@@ -104,7 +103,8 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
     results["train"] = {"run_root": str(root / "train"), "tracking_uri": tracking_uri,
                         "stages": {s: {"version": r.version, "steps": r.steps} for s, r in trained.items()}}
     # What the videos and the evaluation depend on: the config and the exact weights (registry versions).
-    inputs = {"config": cfg.model_dump(mode="json"), "weights": stage_versions(tracking_uri)}
+    config = cfg.model_dump(mode="json")
+    inputs = {"config": config, "weights": stage_versions(tracking_uri)}
     t0 = time.perf_counter()
     videos_out, reused = reuse_step(root / "videos", {**inputs, "prompts": DEMO_PROMPTS, "seed": 0}, lambda: [
         {kind: str(path) for kind, path in r["files"].items()}
@@ -115,7 +115,7 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
     t0 = time.perf_counter()
     settings = {"prompts": EVAL_PROMPTS, "samples": EVAL_SAMPLES, "stop_at": EVAL_STAGE}
     summary, reused = reuse_step(root / "eval", {**inputs, **settings}, lambda: evaluate(
-        str(root / "eval"), config=cfg.model_dump(mode="json"), tracking_uri=tracking_uri, world=str(root / "world"),
+        str(root / "eval"), config=config, tracking_uri=tracking_uri, world=str(root / "world"),
         n_prompts=EVAL_PROMPTS, samples_per_prompt=EVAL_SAMPLES, stop_at=EVAL_STAGE)["summary"])
     if reused:
         print(f"evaluation reused from {root / 'eval'} (same weights and settings)")

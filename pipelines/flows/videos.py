@@ -19,7 +19,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 
-from pipelines.config import VideoDataConfig, load_config
+from pipelines.config import RETIRED_VIDEO_SETTINGS, VideoDataConfig, load_config
 from pipelines.flows import run_step
 from pipelines.manifest import format_counts, hash_inputs, join, open_job, shard_entries, write_manifest, write_outcomes
 from pipelines.safety import UrlPolicy
@@ -79,8 +79,8 @@ def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoData
     settings = {"videos": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json"),
                 "sources": [kind for kind, _ in sources], "rewrite_base": rewrite_base}
     inputs_hash = hash_inputs(inputs)
-    # Jobs started before data.videos.fps_min / fps_max were retired (they were never read) hashed them too.
-    earlier = {**settings, "videos": {**settings["videos"], "fps_min": 1, "fps_max": 30}}
+    # Jobs started before those settings were retired hashed them too.
+    earlier = {**settings, "videos": {**settings["videos"], **RETIRED_VIDEO_SETTINGS}}
     open_job(out, kind="videos", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite,
              earlier_forms=[earlier])
     rows = run_step(read_sources, sources, rewrite_base)
