@@ -8,6 +8,8 @@ classifier-free guidance scale; the stages only hand tensors to each other. The 
   extrapolates the base clip (`frames.animation_mask`);
 - `interpolate_images`: two images as first and last frames, F generates the frames between;
 - `vary_video`: the mean CLIP embedding of a video's frames replaces the prior's output.
+With `temporal.candidates` k > 1, Dt samples k base videos per row and keeps the one whose frames are closest
+in CLIP space to the prompt (to the source video for a variation): DALL-E's re-ranking at the video level.
 The base video of every use is stored under "temporal" (for animation and interpolation F makes it).
 
 Outputs are keyed by stage name: "prior" holds the conditioning CLIP image embedding (B, D) (sampled by
@@ -215,17 +217,43 @@ def sample_prior(cascade: Cascade, prompts: Sequence[str], generator: torch.Gene
     cond = {key: value.repeat_interleave(k, dim=0) for key, value in cond.items()}
     emb = _sample_stage(cascade, "prior", (b * k, cascade.cfg.prior.net.embed_dim), cond, generator, bar)
     emb = Fn.normalize(emb, dim=-1).view(b, k, -1)  # (B, K, D)
-    best = torch.einsum("bkd,bd->bk", emb, text_emb).argmax(dim=1)  # (B,)
-    return emb[torch.arange(b, device=emb.device), best]
+    return _keep_best(emb, torch.einsum("bkd,bd->bk", emb, text_emb))
+
+
+def _keep_best(candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """candidates (B, K, ...), scores (B, K) -> each row's highest-scoring candidate (B, ...)."""
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), scores.argmax(dim=1)]
+
+
+def text_embedding(cascade: Cascade, prompts: Sequence[str]) -> torch.Tensor:
+    """Unit-norm CLIP text embeddings (B, D) of the prompts."""
+    with autocast_context(cascade.device, cascade.precision):
+        tokens = tokenize(cascade.clip, cascade.tokenizer, prompts)  # (B, L)
+        return cascade.clip.encode_text(tokens, normalize=True).float()
+
+
+def frame_similarity(cascade: Cascade, videos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per video (B, C, F, H, W): the mean over its frames of the cosine between the frame's CLIP image
+    embedding and target (B, D), unit norm - CLIPSIM when target is the prompt's text embedding. (B,)"""
+    b, f = videos.shape[0], videos.shape[2]
+    emb = image_embedding(cascade, fold_frames(videos)).view(b, f, -1)  # (B, F, D)
+    return torch.einsum("bfd,bd->b", emb, target.to(emb)) / f
 
 
 def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: torch.Generator,
-                    bar: ProgressBar | None = None) -> torch.Tensor:
-    """Dt: frames x base_size video (B, C, F, H, W) conditioned on the embedding and fps."""
+                    bar: ProgressBar | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Dt: frames x base_size video (B, C, F, H, W) conditioned on the embedding and fps. Given a `target`
+    (B, D) and `temporal.candidates` k > 1, k videos per row are sampled in one batch (rows i*k .. i*k+k-1)
+    and the one whose frames are closest to the target (`frame_similarity`) kept."""
     s, b = cascade.cfg.shape, emb.shape[0]
-    cond = {"cond_emb": emb, "fps": _fps(fps, b, cascade.device)}
-    return _sample_stage(cascade, "temporal", (b, s.channels, s.frames, s.base_size, s.base_size), cond,
-                         generator, bar)
+    k = cascade.cfg.temporal.candidates if target is not None else 1
+    cond = {"cond_emb": emb.repeat_interleave(k, dim=0), "fps": _fps(fps, b * k, cascade.device)}
+    videos = _sample_stage(cascade, "temporal", (b * k, s.channels, s.frames, s.base_size, s.base_size), cond,
+                           generator, bar)
+    if k == 1:
+        return videos
+    scores = frame_similarity(cascade, videos, target.repeat_interleave(k, dim=0)).view(b, k)
+    return _keep_best(videos.view(b, k, *videos.shape[1:]), scores)
 
 
 def sample_masked(cascade: Cascade, video: torch.Tensor, known: torch.Tensor, emb: torch.Tensor, fps: float,
@@ -367,8 +395,9 @@ def text_to_video(cascade: Cascade, prompts: Sequence[str], fps: float, seed: in
     emb = run.stage("prior", _steps(cascade, "prior"), lambda g, bar: sample_prior(cascade, prompts, g, bar))
     if not run.wants("temporal"):
         return run.out
+    target = text_embedding(cascade, prompts) if cascade.cfg.temporal.candidates > 1 else None
     base = run.stage("temporal", _steps(cascade, "temporal"),
-                     lambda g, bar: sample_temporal(cascade, emb, fps, g, bar), fps)
+                     lambda g, bar: sample_temporal(cascade, emb, fps, g, bar, target), fps)
     return _upsample(run, base, emb, fps, target_frames)
 
 
@@ -438,7 +467,8 @@ def interpolate_images(cascade: Cascade, image_a: torch.Tensor, image_b: torch.T
 def vary_video(cascade: Cascade, video: torch.Tensor, fps: float, seed: int, stop_at: str | None = None,
                target_frames: int | None = None, progress: Progress = True) -> CascadeOutput:
     """Video variation: the mean CLIP embedding of video (B, C, F, H, W) in [-1, 1] replaces the prior's
-    output; Dt and the rest of the cascade generate a new video from it."""
+    output; Dt and the rest of the cascade generate a new video from it (with `temporal.candidates` k, the
+    one of k whose frames are closest to that embedding)."""
     if video.dim() != 5:
         raise ValueError(f"video must be (B, C, F, H, W), got {tuple(video.shape)}")
     run = _Run(cascade, seed, stop_at, progress)
@@ -446,7 +476,7 @@ def vary_video(cascade: Cascade, video: torch.Tensor, fps: float, seed: int, sto
     if not run.wants("temporal"):
         return run.out
     base = run.stage("temporal", _steps(cascade, "temporal"),
-                     lambda g, bar: sample_temporal(cascade, emb, fps, g, bar), fps)
+                     lambda g, bar: sample_temporal(cascade, emb, fps, g, bar, target=emb), fps)
     return _upsample(run, base, emb, fps, target_frames)
 
 

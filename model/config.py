@@ -122,6 +122,10 @@ class UNetStage(ConfigBase):
     fill_strength: float = Field(
         1.0, gt=0.0, le=1.0, description="interpolation: F's sampling starts from the linear blend of the known "
         "frames noised to this fraction of the schedule (SDEdit) rather than from pure noise (1)")
+    candidates: int = Field(
+        1, ge=1, description="temporal: base videos sampled per prompt in one batch; the one whose frames are "
+        "closest in CLIP space to the prompt's text embedding (mean frame cosine, CLIPSIM) is kept - for a "
+        "variation, to the source video's embedding. DALL-E's re-ranking, at the video level")
 
 
 class PriorStage(ConfigBase):
@@ -144,6 +148,13 @@ class CascadeConfig(ConfigBase):
     interpolation: UNetStage
     sr_low: UNetStage
     sr_high: UNetStage
+
+    @model_validator(mode="after")
+    def _candidates_where_read(self) -> "CascadeConfig":
+        unread = [s for s in ("decoder", "interpolation", "sr_low", "sr_high") if getattr(self, s).candidates != 1]
+        if unread:
+            raise ValueError(f"candidates is read for the prior and temporal stages only; set to 1 on {unread}")
+        return self
 
 
 def _tiny() -> CascadeConfig:

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, sample_masked, sample_prior,
+                           sample_temporal, text_embedding,
                            stage_network, stage_seed, stages_needed, super_resolve_high, super_resolve_low,
                            text_to_video, to_base, vary_video, video_embedding)
 from model.clip import tokenize
 from model.config import cascade_preset
 from model.frames import linear_fill, mask_from_indices, spread_indices
 from model.layers import resize
+from model.metrics import clip_similarities
 
 PROMPT = ["a red circle on a blue background"]
 
@@ -213,3 +215,35 @@ def test_prior_candidates_keep_the_one_closest_to_the_text(cascade):
     assert not torch.allclose(each[:, 0], each[:, 1])  # the candidates differ
     torch.testing.assert_close(chosen, each[torch.arange(len(prompts)), scores.argmax(dim=1)])
     assert chosen.shape == (len(prompts), cfg.prior.net.embed_dim)
+
+
+def test_temporal_candidates_keep_the_video_closest_to_the_text(cascade):
+    """Re-ranking at the video level: with `temporal.candidates` k and a target, each row's k base videos are
+    the ones k copies of its embedding get in one batch (same seed), and the one kept has the highest CLIPSIM
+    with its prompt as the evaluation computes it (`metrics.clip_similarities`). Without a target k is unread."""
+    prompts, k = PROMPT + ["a green square on a white background"], 3
+    emb = torch.nn.functional.normalize(torch.randn(len(prompts), 32, generator=torch.Generator().manual_seed(1)),
+                                        dim=-1)
+    each = sample_temporal(cascade, emb.repeat_interleave(k, dim=0), 8, torch.Generator().manual_seed(5))
+    cfg = cascade.cfg.model_copy(deep=True)
+    cfg.temporal.candidates = k
+    ranked = dataclasses.replace(cascade, cfg=cfg)
+    chosen = sample_temporal(ranked, emb, 8, torch.Generator().manual_seed(5), target=text_embedding(cascade, prompts))
+    pixels = ((each + 1) / 2).permute(0, 2, 3, 4, 1)  # (B*K, F, H, W, 3) in [0, 1]
+    scores = clip_similarities(cascade.clip, cascade.tokenizer, pixels,
+                               [p for p in prompts for _ in range(k)]).view(len(prompts), k)
+    each = each.view(len(prompts), k, *each.shape[1:])
+    assert not torch.allclose(each[:, 0], each[:, 1])  # the candidates differ
+    torch.testing.assert_close(chosen, each[torch.arange(len(prompts)), scores.argmax(dim=1)])
+    unranked = sample_temporal(ranked, emb, 8, torch.Generator().manual_seed(5))
+    assert torch.equal(unranked, sample_temporal(cascade, emb, 8, torch.Generator().manual_seed(5)))
+
+
+def test_candidates_only_where_they_are_read():
+    cfg = cascade_preset("tiny")
+    cfg.temporal.candidates = 4
+    assert cfg.temporal.candidates == 4
+    data = cfg.model_dump()
+    data["sr_low"]["candidates"] = 2
+    with pytest.raises(ValueError, match="prior and temporal stages only.*sr_low"):
+        type(cfg).model_validate(data)
