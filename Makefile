@@ -47,6 +47,7 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 	$(UV) -q -c constraints.txt -e .
 	@# The dataset tools' declared requirements conflict with the stack; their real needs are in pyproject.
 	$(UV) -q --no-deps -c constraints.txt img2dataset video2dataset
+	@mkdir -p $(PREFECT_HOME)  # prefect makes only the last folder of its home; .state may not exist yet
 	$(PY) -c "import torch, torchvision, ray, prefect, mlflow, open_clip, decord, webdataset, img2dataset, video2dataset"
 	@touch $(STAMP)
 

@@ -30,7 +30,9 @@ def run_demo(cfg: PipelineConfig, out: Path) -> int:
     print(f"  MLflow          {train['tracking_uri']}")
     print(f"                  browse: .venv/bin/mlflow ui --backend-store-uri {train['tracking_uri']}")
     for files in results["videos_out"]:
-        print(f"  video           {files.get('mp4')}  (+ .gif, .grid.png, .json sidecar; watermarked)")
+        seen = files["read_back"]
+        print(f"  video           {files.get('mp4')}  (+ .gif, .grid.png, .json sidecar; watermarked; the evaluator "
+              f"reads the prompt's shape and colour in {seen['faithful_frames']} of {seen['frames']} frames)")
     ev = results["evaluation"]
     means, bar = ev["metrics"]["all"], ev["metrics"]["quality_bar"]
     print(f"  evaluation      {ev['out']}  ({ev['stage']} stage: "

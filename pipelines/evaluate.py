@@ -361,6 +361,21 @@ def evaluate_video(video, prompt: str, cfg: EvalConfig | None = None) -> dict:
             "background_error": float(quality[:, 1].mean()), "frame_quality": float(quality[:, 2].mean())}
 
 
+def read_back(path: str, prompt: str, cfg: EvalConfig | None = None) -> dict:
+    """What a viewer gets from a video file (codec and watermark included): its frames decoded (decord) and
+    scored against the prompt. {"frames", "faithful_frames" (shape and colour as the prompt says),
+    "shape_frames", "colour_frames", "temporal_consistency"}."""
+    import decord
+
+    reader = decord.VideoReader(str(path))
+    frames = reader.get_batch(list(range(len(reader)))).asnumpy()  # (F, H, W, 3) uint8
+    score = evaluate_video(frames, prompt, cfg)
+    n = score["n_frames"]
+    counts = {f"{key}_frames": round(score[share] * n) for key, share in
+              (("faithful", "prompt_faithfulness"), ("shape", "shape_accuracy"), ("colour", "colour_accuracy"))}
+    return {"frames": n, **counts, "temporal_consistency": round(score["temporal_consistency"], 4)}
+
+
 def evaluate_videos(videos: Sequence, prompts: Sequence[str], cfg: EvalConfig | None = None) -> dict:
     """{"videos": one `evaluate_video` dict per video, "mean": the mean of every numeric or boolean
     score over the videos that have it (booleans as shares)}."""

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 from pipelines.evaluate import (EvalConfig, Prompt, as_frames, background_shift, detect_object, evaluate_video,
-                                evaluate_videos, parse_prompt)
+                                evaluate_videos, parse_prompt, read_back)
+from pipelines.flows.evaluate import viewing_size
+from pipelines.generate import write_outputs
+from pipelines.watermark import WatermarkConfig
 from pipelines.world import generate_world, world_preset
 from pipelines.world.config import COLOURS
 
@@ -133,6 +136,23 @@ def test_a_mismatched_prompt_scores_low(world):
                 checked += 1
                 break
     assert checked >= 3
+
+
+def test_a_delivered_video_is_read_back_as_a_viewer_gets_it(world, tmp_path):
+    """`read_back` (the demo's check that its video shows the prompt) decodes the watermarked mp4 that
+    generation writes: a world clip shows its caption in (nearly) every frame, and not another prompt."""
+    _, _, videos = world
+    frames, caption = videos[sorted(videos)[0]]
+    mine = parse_prompt(caption)
+    other = next(c for _, c in videos.values()
+                 if parse_prompt(c).shape != mine.shape and parse_prompt(c).colour != mine.colour)
+    big = viewing_size(frames[::2], 128)  # the demo delivers 128 px
+    paths = write_outputs(big, tmp_path, "clip", 12.0, WatermarkConfig(), {})
+    seen = read_back(str(paths["mp4"]), caption)
+    assert seen["frames"] == len(big)
+    assert seen["faithful_frames"] >= 0.9 * seen["frames"] and seen["temporal_consistency"] >= 0.9, seen
+    assert seen["shape_frames"] >= seen["faithful_frames"] and seen["colour_frames"] >= seen["faithful_frames"]
+    assert read_back(str(paths["mp4"]), other)["faithful_frames"] <= 0.05 * seen["frames"]
 
 
 def test_every_pixel_layout_gives_the_same_scores(world):
