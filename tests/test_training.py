@@ -28,6 +28,7 @@ from model.checkpoint import load_weights
 from model.clip import build_clip, encode_images, encode_text
 from model.config import cascade_preset
 from model.networks import build_network
+from pipelines.manifest import sha256_file
 from model.layers import resize
 from training.config import train_preset
 from training.stages import SPECS, SampleRng, Stage, downsample
@@ -52,7 +53,8 @@ def shape_image(colour: str, shape: str, background: str, size: int) -> tuple[by
 def write_manifest(root: Path, kind: str, shards: list[tuple[str, int]]) -> None:
     manifest = {"kind": kind, "format": 1, "inputs_hash": f"test-{kind}", "rows": sum(n for _, n in shards),
                 "counts": {"written": sum(n for _, n in shards)},
-                "shards": [{"name": name, "samples": n} for name, n in shards]}
+                "shards": [{"name": name, "samples": n, "sha256": sha256_file(str(root / name))}
+                           for name, n in shards]}
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -232,6 +234,19 @@ def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
         assert Path(result.weights_path).is_file()
     previews = [a.path for a in mlflow.list_artifacts(chain.results["temporal"].run_id, "samples")]
     assert previews == ["samples/step_0000004.gif"]
+
+
+def test_the_video_stages_trained_on_text_free_data(chain) -> None:
+    """The quality bar's premise, read back from the runs behind the registered weights."""
+    from training.lineage import describe, video_lineage
+
+    lineage = video_lineage(chain.uri)
+    assert lineage["text_free"] and lineage["problems"] == [], lineage["problems"]
+    assert list(lineage["stages"]) == ["temporal", "interpolation", "sr_low"]  # image stages are not asked
+    assert {e["dataset"] for e in lineage["stages"].values()} == {str(chain.videos)}
+    (scanned,) = lineage["datasets"]  # one dataset behind three stages, read once
+    assert scanned["samples"] == lineage["video_samples"] == 8 and scanned["members"] == {"mp4": 8}
+    assert "trained on 8 clips in 2 shards; 0 carried text" in describe(lineage)
 
 
 def test_a_progress_line_reaches_the_worker_logs_once(chain) -> None:
