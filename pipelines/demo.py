@@ -9,6 +9,7 @@ from pipelines.config import PipelineConfig, dump_config
 
 def run_demo(cfg: PipelineConfig, out: Path) -> int:
     from pipelines.flows.demo import demo_flow
+    from training.lineage import describe
 
     started = time.perf_counter()
     results = demo_flow(dump_config(cfg), str(out))
@@ -33,11 +34,14 @@ def run_demo(cfg: PipelineConfig, out: Path) -> int:
         seen = files["read_back"]
         print(f"  video           {files.get('mp4')}  (+ .gif, .grid.png, .json sidecar; watermarked; the evaluator "
               f"reads the prompt's shape and colour in {seen['faithful_frames']} of {seen['frames']} frames)")
+    lineage = results["lineage"]
+    print(f"  lineage         {describe(lineage)}")
     ev = results["evaluation"]
     means, bar = ev["metrics"]["all"], ev["metrics"]["quality_bar"]
+    passed = bar["passed"] and lineage["text_free"]  # an evaluation of older code has no lineage check of its own
     print(f"  evaluation      {ev['out']}  ({ev['stage']} stage: "
           f"faithfulness {means['prompt_faithfulness']:.2f}, "
           f"consistency {means['temporal_consistency']:.2f}, motion share {means['motion_share']:.2f}; "
-          f"quality bar {'PASSED' if bar['passed'] else 'not reached'})")
+          f"quality bar {'PASSED' if passed else 'not reached'})")
     print(f"  timings (s)     {results['timings_s']}")
     return 0

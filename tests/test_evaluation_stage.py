@@ -92,7 +92,7 @@ def test_evaluate_cascade_logs_the_run(store, world, tmp_path, capsys):
 
     assert len(result["rows"]) == 8 and sorted({r["sample"] for r in result["rows"]}) == [0, 1]
     bar = result["summary"]["quality_bar"]
-    assert set(bar["checks"]) == set(QUALITY_BAR) and bar["passed"] is False  # random weights draw no shapes
+    assert set(bar["checks"]) == {*QUALITY_BAR, "video_text_samples"} and bar["passed"] is False  # no shapes drawn
     assert result["summary"]["all"]["prompt_faithfulness"] < 0.8
 
     client = MlflowClient(store)
@@ -117,8 +117,17 @@ def test_evaluate_cascade_logs_the_run(store, world, tmp_path, capsys):
                                                        str(tmp_path / "dl"))).read())
     assert len(logged["videos"]) == 8 and logged["videos"][0]["prompt"] == prompts[0].text
 
+    # The store's weights were registered by hand, with no training record: the lineage is not verified.
+    lineage = result["summary"]["lineage"]
+    assert not lineage["text_free"] and set(lineage["stages"]) == {"temporal", "interpolation", "sr_low"}
+    assert all("no training record of its data" in p for p in lineage["problems"]) and len(lineage["problems"]) == 3
+    assert not result["summary"]["quality_bar"]["checks"]["video_text_samples"]["passed"]
+    assert metrics["eval/video_text_samples"] == 0.0
+
     printed = capsys.readouterr().out
     assert all(p.text[:40] in printed for p in prompts) and "quality bar: FAIL" in printed
+    assert "lineage: video stages (temporal v1, interpolation v1, sr_low v1) trained on 0 clips" in printed
+    assert "not verified: temporal v1: no training record of its data" in printed
     assert "all (8 videos)" in printed and "held-out (4 videos)" in printed and "FVD" in printed
     assert (tmp_path / "videos.csv").read_text().count("\n") == 9
     with pytest.raises(ValueError, match="stop_at"):
@@ -133,8 +142,16 @@ def test_the_worlds_own_videos_pass_the_bar(world):
         reader = decord.VideoReader(str(root / "files" / "videos" / f"{r.sample_id}.mp4"))
         videos.append(reader.get_batch(list(range(0, len(reader), 2))).asnumpy())
         specs.append(PromptSpec(r.caption, r.shape, r.colour, r.background, r.motion, held_out=len(specs) % 2 == 0))
-    summary = aggregate(score_videos(videos, specs))
+    scores = score_videos(videos, specs)
+    summary = aggregate(scores)
     assert summary["quality_bar"]["passed"], summary["quality_bar"]
+    # With the lineage: the bar also needs the video data verified text-free.
+    clean = {"text_samples": 0, "text_free": True}
+    assert aggregate(scores, clean)["quality_bar"]["checks"]["video_text_samples"] == {
+        "value": 0, "max": 0, "passed": True}
+    assert aggregate(scores, clean)["quality_bar"]["passed"]
+    assert not aggregate(scores, {"text_samples": 2, "text_free": False})["quality_bar"]["passed"]
+    assert not aggregate(scores, {"text_samples": 0, "text_free": False})["quality_bar"]["passed"]  # unverified
     assert summary["all"]["videos"] == len(videos) >= 5 and summary["held_out"]["motion_share"] == 1.0
     frozen = aggregate(score_videos([np.repeat(v[:1], 8, axis=0) for v in videos], specs))
     assert not frozen["quality_bar"]["passed"] and not frozen["quality_bar"]["checks"]["motion_share"]["passed"]

@@ -22,6 +22,7 @@ from pipelines.flows.train import train_cascade
 from pipelines.flows.videos import build_video_dataset
 from pipelines.generate import generate
 from pipelines.manifest import format_counts, hash_settings
+from training.lineage import describe, video_lineage
 from training.registry import stage_versions
 from training.tracking import default_tracking_uri
 from pipelines.world import WorldConfig, generate_world, serve_world
@@ -108,6 +109,9 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
     tracking_uri = default_tracking_uri(str((root / "train").resolve()))
     results["train"] = {"run_root": str(root / "train"), "tracking_uri": tracking_uri,
                         "stages": {s: {"version": r.version, "steps": r.steps} for s, r in trained.items()}}
+    # No text-video pairs: the video stages' runs name the shards they trained on, read again here.
+    results["lineage"] = video_lineage(tracking_uri)
+    print(f"lineage: {describe(results['lineage'])}")
     # What the videos and the evaluation depend on: the config and the exact weights (registry versions).
     config = cfg.model_dump(mode="json")
     inputs = {"config": config, "weights": stage_versions(tracking_uri)}

@@ -159,14 +159,19 @@ def _group(rows: Sequence[dict]) -> dict[str, float]:
     return out
 
 
-def quality_bar(metrics: dict[str, float]) -> dict:
-    """The issue's bar: {"passed", "checks": {name: {"value", "min", "passed"}}}."""
+def quality_bar(metrics: dict[str, float], lineage: dict | None = None) -> dict:
+    """The issue's bar: {"passed", "checks": {name: {"value", "min", "passed"}}}. Given the trained stages'
+    `lineage` (training.lineage.video_lineage), also "video_text_samples": {"value", "max": 0, "passed"} -
+    passed only when the video data were verified and none of it carried text."""
     checks = {k: {"value": metrics[k], "min": v, "passed": bool(metrics[k] >= v)} for k, v in QUALITY_BAR.items()}
+    if lineage is not None:
+        checks["video_text_samples"] = {"value": lineage["text_samples"], "max": 0, "passed": lineage["text_free"]}
     return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
 
 
-def aggregate(rows: Sequence[dict]) -> dict:
-    """{"all": means, "held_out"/"seen": means of those rows (when any), "quality_bar": on "all"}."""
+def aggregate(rows: Sequence[dict], lineage: dict | None = None) -> dict:
+    """{"all": means, "held_out"/"seen": means of those rows (when any), "quality_bar": on "all" (and the
+    `lineage`, kept under "lineage", when given)}."""
     if not rows:
         raise ValueError("no videos to aggregate")
     summary = {"all": _group(rows)}
@@ -174,7 +179,9 @@ def aggregate(rows: Sequence[dict]) -> dict:
         group = [r for r in rows if r["held_out"] is flag]
         if group:
             summary[name] = _group(group)
-    summary["quality_bar"] = quality_bar(summary["all"])
+    if lineage is not None:
+        summary["lineage"] = lineage
+    summary["quality_bar"] = quality_bar(summary["all"], lineage)
     return summary
 
 
@@ -185,6 +192,8 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     for name in ("held_out", "seen"):
         out.update({f"eval/{name}/{k}": v for k, v in summary.get(name, {}).items()})
     out.update({f"eval/{k}": summary[k] for k in ("fvd", "clipsim") if summary.get(k) is not None})
+    if "lineage" in summary:
+        out["eval/video_text_samples"] = float(summary["lineage"]["text_samples"])
     out["eval/quality_bar"] = float(summary["quality_bar"]["passed"])
     return out
 
@@ -209,8 +218,12 @@ def format_table(rows: Sequence[dict], summary: dict) -> str:
         lines.append("  " + "   ".join(extra))
     bar = summary["quality_bar"]
     checks = ", ".join(f"{k} {c['value']:.2f} {'>=' if c['passed'] else '<'} {c['min']}"
-                       for k, c in bar["checks"].items())
+                       for k, c in bar["checks"].items() if "min" in c)
     lines.append(f"  quality bar: {'PASS' if bar['passed'] else 'FAIL'} ({checks})")
+    if "lineage" in summary:
+        from training.lineage import describe  # torch-free imports for `mav --help`: see the module doc
+
+        lines.append(f"  lineage: {describe(summary['lineage'])}")
     return "\n".join(lines)
 
 
@@ -338,6 +351,7 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
     metrics, rows, table."""
     from model.metrics import RandomVideoExtractor, clipsim, fvd
     from pipelines.generate import load_cascade
+    from training.lineage import video_lineage
     from training.tracking import MlflowTracker, tracked_run
 
     if samples_per_prompt < 1 or batch_size < 1 or not prompts:
@@ -349,7 +363,8 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
     cascade = load_cascade(cfg, weights, uri, stop_at=stop_at, device=device)
     videos, specs, info, out_fps = _generate(cascade, specs, samples_per_prompt, seed, stop_at, fps, batch_size)
     rows = [{**r, **i} for r, i in zip(score_videos(videos, specs, eval_cfg), info)]
-    summary = aggregate(rows)
+    # The bar's premise, read off the runs behind the weights: the video stages' data carried no text.
+    summary = aggregate(rows, video_lineage(uri) if weights == "mlflow" else None)
     summary["clipsim"] = clipsim(cascade.clip, cascade.tokenizer, videos, [s.text for s in specs])
     if reference_videos is not None and len(reference_videos) >= 2 and len(videos) >= 2:
         summary["fvd"] = fvd(np.stack(reference_videos), videos, RandomVideoExtractor())
