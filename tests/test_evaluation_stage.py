@@ -175,6 +175,21 @@ def test_cli_runs_the_flow_body_on_a_world(store, world, tmp_path, capsys):
     assert evaluate_flow.name == "evaluate-cascade"
 
 
+def test_a_lineage_the_caller_has_is_used_as_given(store, world, tmp_path):
+    """The demo reads the lineage once (to print it) and hands it to the evaluation, which must not scan the
+    video shards again: the store's own lineage is unverified, the given one is not, and the bar reads the given."""
+    from training.lineage import video_lineage
+
+    root, _ = world
+    own = video_lineage(store)
+    assert not own["text_free"]
+    given = {**own, "problems": [], "text_free": True}
+    result = evaluate_cascade(CFG, weights="mlflow", tracking_uri=store, out_dir=tmp_path,
+                              prompts=prompt_set(world_config(root), 1, seed=0), samples_per_prompt=1,
+                              stop_at="temporal", device="cpu", lineage=given)
+    assert result["summary"]["lineage"] == given
+    assert result["summary"]["quality_bar"]["checks"]["video_text_samples"]["passed"]
+
 def test_registering_the_command_does_not_load_torch():
     import subprocess
     import sys

@@ -129,7 +129,8 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
     settings = {"prompts": EVAL_PROMPTS, "samples": EVAL_SAMPLES, "stop_at": EVAL_STAGE}
     summary, reused = reuse_step(root / "eval", {**inputs, **settings}, lambda: evaluate(
         str(root / "eval"), config=config, tracking_uri=tracking_uri, world=str(root / "world"),
-        n_prompts=EVAL_PROMPTS, samples_per_prompt=EVAL_SAMPLES, stop_at=EVAL_STAGE)["summary"])
+        n_prompts=EVAL_PROMPTS, samples_per_prompt=EVAL_SAMPLES, stop_at=EVAL_STAGE,
+        lineage=results["lineage"])["summary"])
     if reused:
         print(f"evaluation reused from {root / 'eval'} (same weights and settings)")
     timings["evaluate"] = time.perf_counter() - t0

@@ -344,11 +344,13 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
                      prompts: Sequence[PromptSpec | str], samples_per_prompt: int = 2, seed: int = 0,
                      stop_at: str | None = None, fps: float = 8.0, reference_videos: Sequence | None = None,
                      parent_run_id: str | None = None, batch_size: int = 8, n_gifs: int = 4,
-                     device: str | None = None, eval_cfg: EvalConfig | None = None) -> dict:
+                     device: str | None = None, eval_cfg: EvalConfig | None = None,
+                     lineage: dict | None = None) -> dict:
     """Generate `samples_per_prompt` videos per prompt with the trained cascade (up to `stop_at`),
     score them, compute CLIPSIM (the cascade's CLIP) and, given reference videos, FVD; log it all to an
-    MLflow run "evaluate" (a child of `parent_run_id`); print the table. Returns run_id, summary,
-    metrics, rows, table."""
+    MLflow run "evaluate" (a child of `parent_run_id`); print the table. `lineage`: the video stages'
+    `video_lineage` when the caller has it already; else it is read here (MLflow weights only). Returns
+    run_id, summary, metrics, rows, table."""
     from model.metrics import RandomVideoExtractor, clipsim, fvd
     from pipelines.generate import load_cascade
     from training.lineage import video_lineage
@@ -364,7 +366,9 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
     videos, specs, info, out_fps = _generate(cascade, specs, samples_per_prompt, seed, stop_at, fps, batch_size)
     rows = [{**r, **i} for r, i in zip(score_videos(videos, specs, eval_cfg), info)]
     # The bar's premise, read off the runs behind the weights: the video stages' data carried no text.
-    summary = aggregate(rows, video_lineage(uri) if weights == "mlflow" else None)
+    if lineage is None and weights == "mlflow":
+        lineage = video_lineage(uri)
+    summary = aggregate(rows, lineage)
     summary["clipsim"] = clipsim(cascade.clip, cascade.tokenizer, videos, [s.text for s in specs])
     if reference_videos is not None and len(reference_videos) >= 2 and len(videos) >= 2:
         summary["fvd"] = fvd(np.stack(reference_videos), videos, RandomVideoExtractor())
@@ -391,10 +395,11 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
 def evaluate(out: str, preset: str = "toy", weights: str = "mlflow", tracking_uri: str | None = None,
              world: str | None = None, n_prompts: int = 8, samples_per_prompt: int = 2, seed: int = 0,
              config: str | dict | None = None, overrides: list[str] | None = None, stop_at: str | None = None,
-             fps: float = 8.0, parent_run_id: str | None = None) -> dict:
+             fps: float = 8.0, parent_run_id: str | None = None, lineage: dict | None = None) -> dict:
     """The body of `evaluate_flow`. `config`: a YAML path (with `overrides`) or a resolved config tree;
     `world`: a generated world folder, whose LAION rows define the held-out triples and whose videos
-    are the FVD reference; without it the held-out triples come from the config's world plan."""
+    are the FVD reference; without it the held-out triples come from the config's world plan. `lineage`:
+    see `evaluate_cascade`."""
     from pipelines.config import PipelineConfig, load_config
 
     if isinstance(config, dict):
@@ -412,7 +417,7 @@ def evaluate(out: str, preset: str = "toy", weights: str = "mlflow", tracking_ur
         reference = load_reference_videos(world, frames, side, (cfg.cascade.shape.frames - 1) / fps)
     result = evaluate_cascade(cfg, weights=weights, tracking_uri=tracking_uri, out_dir=out, prompts=prompts,
                               samples_per_prompt=samples_per_prompt, seed=seed, stop_at=stop_at, fps=fps,
-                              reference_videos=reference, parent_run_id=parent_run_id)
+                              reference_videos=reference, parent_run_id=parent_run_id, lineage=lineage)
     return {k: result[k] for k in ("run_id", "summary", "metrics", "out")}
 
 
