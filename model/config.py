@@ -200,10 +200,10 @@ def _toy() -> CascadeConfig:
     interp_sampler = SamplerConfig(name="dpmpp_2m", steps=10, guidance_scale=3.0)
     return CascadeConfig(
         shape=CascadeShape(frames=8, frame_skip=3, base_size=32, sr_low_size=64, sr_high_size=128),
-        clip=ClipConfig(model_name="mav-toy-clip", embed_dim=64, image_size=32, context_length=16),
+        clip=ClipConfig(model_name="mav-toy-clip", embed_dim=64, image_size=32, context_length=20),
         # One prior candidate: re-ranking by the from-scratch CLIP's text-image dot product did not help (session-9
         # demo's weights, 16 prompts x 4 samples: faithfulness 0.75 / 0.74 / 0.73 with 1 / 2 / 4 candidates).
-        prior=PriorStage(net=PriorConfig(embed_dim=64, text_len=16, width=128, depth=4, heads=4), sampler=sampler),
+        prior=PriorStage(net=PriorConfig(embed_dim=64, text_len=20, width=128, depth=4, heads=4), sampler=sampler),
         decoder=UNetStage(net=unet, sampler=sampler),
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler),
         interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}),

@@ -282,6 +282,29 @@ def test_motions_stay_in_frame_and_match_their_words(motion):
                 assert steps.max() <= np.hypot(*params["velocity"]) / 24 + 1e-9 and steps.min() > 0
 
 
+def test_some_image_captions_name_a_motion_the_still_cannot_show():
+    """world.motion_caption_share of the LAION captions are phrased as the world's video captions (a motion,
+    a direction), so a text encoder trained on images meets the words of the evaluation's video prompts; every
+    caption still names its image's shape, colour and background. The toy world uses a quarter."""
+    from pipelines.evaluate import parse_prompt
+    from pipelines.world.generate import _plan_images
+
+    base = world_preset("tiny").model_copy(update={"n_images": 400})
+    for share in (0.0, 0.25, 1.0):
+        config = base.model_copy(update={"motion_caption_share": share})
+        rows = _plan_images(np.random.default_rng([config.seed, 0]), config)
+        parsed = [parse_prompt(r["caption"]) for r in rows]
+        assert all((p.shape, p.colour, p.background) == (r["shape"], r["colour"], r["background"])
+                   for p, r in zip(parsed, rows))
+        named = [p.motion for p in parsed if p.motion is not None]
+        assert len(named) == pytest.approx(share * len(rows), abs=0.06 * len(rows))
+        if share:
+            assert set(named) == set(config.motions)
+            assert any(" pans " in r["caption"] for r in rows) and any(" drifting " in r["caption"] for r in rows)
+    assert world_preset("toy").motion_caption_share == 0.25 and world_preset("tiny").motion_caption_share == 0.0
+    with pytest.raises(ValueError):
+        type(base).model_validate({**base.model_dump(), "motion_caption_share": 1.5})
+
 def test_held_out_triples_never_reach_a_caption(tmp_path):
     """world.held_out keeps that many drawable (shape, colour, background) triples out of every LAION row,
     the same ones for the same seed; some captions leave out the size or the position."""

@@ -34,7 +34,8 @@ from pipelines.world.config import (HDVILA_BAD, LAION_BAD, POSITIONS, SPAN_DEFEC
 from pipelines.world.formats import (write_ground_truth, write_hdvila, write_laion, write_webvid,
                                      write_world_json)
 from pipelines.world.shapes import HALF_EXTENT, render
-from pipelines.world.videos import encode_mp4, render_video, sample_motion, trajectory
+from pipelines.world.videos import (DIRECTIONS, PAN_DIRECTIONS, encode_mp4, render_video, sample_motion,
+                                    trajectory)
 
 OUTPUTS = ("world.json", "laion.parquet", "webvid.csv", "hdvila.jsonl", "ground_truth.parquet", "files", "truth")
 WHERE = {"top left": "at the top left", "top": "at the top", "top right": "at the top right",
@@ -151,6 +152,16 @@ def _url_path(path: str, detail: str, category: str) -> str:
     return path
 
 
+def _image_caption(rng: np.random.Generator, config: WorldConfig) -> str:
+    """An image caption template; `motion_caption_share` of them a video caption's, its direction filled in
+    (the still shows no motion). No draw is made when the share is 0, so such worlds stay as they were."""
+    if config.motion_caption_share <= 0 or rng.random() >= config.motion_caption_share:
+        return _pick(rng, IMAGE_TEMPLATES)
+    motion = _pick(rng, config.motions)
+    directions = PAN_DIRECTIONS if motion == "pan" else DIRECTIONS
+    return VIDEO_TEMPLATES[motion].replace("{direction}", _pick(rng, directions))
+
+
 def _plan_images(rng: np.random.Generator, config: WorldConfig) -> list[dict]:
     rows, avoid = [], held_out_triples(config)
     for i, (category, detail) in enumerate(_plan(rng, config, config.n_images, LAION_BAD, config.redirect_rows)):
@@ -159,7 +170,7 @@ def _plan_images(rng: np.random.Generator, config: WorldConfig) -> list[dict]:
         r = config.sizes[scene["size"]] * rng.uniform(0.9, 1.1)
         edge = HALF_EXTENT[scene["shape"]] * r
         cx, cy = (float(np.clip(p + rng.uniform(-0.03, 0.03), edge, 1 - edge)) for p in POSITIONS[scene["position"]])
-        caption = _english(_pick(rng, IMAGE_TEMPLATES).format(where=WHERE[scene["position"]], **scene))
+        caption = _english(_image_caption(rng, config).format(where=WHERE[scene["position"]], **scene))
         text = caption
         if category == "toxic":
             word = _pick(rng, TOXIC_SAMPLE)
