@@ -52,6 +52,16 @@ def test_text_fields_finds_captions_at_any_depth_and_ignores_empty_ones():
     assert list(text_fields({"key": "001", "fps": 24.0, "source": {"width": 64}})) == []
 
 
+def test_a_url_whose_file_name_is_a_caption_is_text():
+    """Real WebVid contentUrls end in their caption; the toy world's and YouTube's do not."""
+    webvid = ("https://ak.picdn.net/shutterstock/videos/5641526/preview/"
+              "stock-footage-horse-grazing-seperated-on-green-screen.mp4")
+    meta = {"url": webvid, "clips": [{"source_url": webvid}], "page_url": "http://127.0.0.1:8765/files/videos/1000002.mp4",
+            "contentUrl": "https://www.youtube.com/watch?v=dQw4w9WgXcQ", "video_url": "http://h/a-b.mp4"}
+    assert list(text_fields(meta)) == ["url", "clips[0].source_url"]
+    assert list(text_fields({"link_text": webvid})) == []  # only URL keys are read as URLs
+
+
 def test_a_clean_dataset_is_verified_and_counted(tmp_path):
     manifest = dataset(tmp_path, [{**clip_members("0001"), **clip_members("0002")}, clip_members("0100")])
     found = check_dataset(str(tmp_path), manifest)

@@ -29,6 +29,7 @@ from pipelines.manifest import ManifestError
 from pipelines.safety import UrlPolicy
 from pipelines.videos.readers import rewritten_path
 from pipelines.world import generate_world, rebase_world, serve_world, world_preset
+from training.lineage import text_fields
 
 pytestmark = pytest.mark.slow
 LOOPBACK = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=3.0)
@@ -90,6 +91,12 @@ def _outcomes(out: Path) -> list[dict]:
     return pq.read_table(out / "outcomes.parquet").to_pylist()
 
 
+def _source_urls(out: Path) -> dict[str, str]:
+    """Sample key -> the URL it was fetched from: kept in each shard's parquet, not in the tar."""
+    return {r["key"]: r["url"] for p in sorted((out / "shards").glob("*.parquet"))
+            for r in pq.read_table(p, columns=["key", "url"]).to_pylist()}
+
+
 def _check_shards(out: Path, manifest: dict, size: int) -> list[dict]:
     """Shards hold exactly the written rows, as .mp4 + .json with no text, decodable at `size`."""
     samples = _samples(out, manifest)
@@ -100,7 +107,8 @@ def _check_shards(out: Path, manifest: dict, size: int) -> list[dict]:
     for sample in samples:
         assert {k for k in sample if not k.startswith("__")} == {"mp4", "json"}  # no .txt, no .caption
         meta = json.loads(sample["json"])
-        assert not {"caption", "txt", "name", "text"} & set(meta)
+        assert not {"caption", "txt", "name", "text", "url"} & set(meta)  # the URL stays in outcomes.parquet
+        assert list(text_fields(meta)) == []
         assert meta["row_id"] == written[sample["__key__"]]["row_id"]
         shape, _ = _decode(sample["mp4"])
         assert shape == (meta["frames"], size, size, 3)
@@ -160,10 +168,11 @@ def test_world_shards_hold_mp4_clips_at_clip_size_and_no_text(world, world_build
     samples = _check_shards(out, manifest, CFG.clip_size)
     truth = pq.read_table(world[0] / "ground_truth.parquet").to_pylist()
     seconds = {r["url"]: r["duration"] for r in truth if r["source"] == "webvid"}
+    url = _source_urls(out)
     for sample in samples:
         meta = json.loads(sample["json"])
         if not meta["clips"]:  # a whole WebVid video keeps every frame (24 fps in the world)
-            assert meta["frames"] == round(seconds[meta["url"]] * 24)
+            assert meta["frames"] == round(seconds[url[sample["__key__"]]] * 24)
 
 
 def test_kill_mid_shard_then_resume(world, world_build, tmp_path):
@@ -188,7 +197,8 @@ def test_kill_mid_shard_then_resume(world, world_build, tmp_path):
     # Only the killed shard was fetched again.
     redone = {r["key"] for r in _outcomes(out) if r["shard"] == f"{victim}.tar"}
     assert redone and len(server.request_log) > before
-    others = {json.loads(s["json"])["url"].split("//", 1)[1].split("/", 1)[1]
+    url = _source_urls(out)
+    others = {url[s["__key__"]].split("//", 1)[1].split("/", 1)[1]
               for s in _samples(out, again) if not s["__url__"].endswith(f"{victim}.tar")}
     assert not {p.lstrip("/") for p in server.request_log[before:]} & others
     with pytest.raises(ManifestError, match="settings"):

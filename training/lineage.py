@@ -4,8 +4,9 @@ For each registered stage that trains on video (temporal, interpolation, sr_low)
 current weights names its dataset folder (`config/resolved.json`) and holds the manifest it trained on
 (`datasets/training/manifest.json`). Every shard that manifest lists is read again: its sha256 must be the
 recorded one (so these are the bytes the stage trained on), its sample count the recorded one, and no sample
-may hold a text member (`.txt`, `.caption`, subtitles, ...) or a caption-like field in its `.json`. The loader
-reads only the `.mp4` (training/loaders/clips.py); this check says the data had nothing else to give.
+may hold a text member (`.txt`, `.caption`, subtitles, ...) or a caption-like field in its `.json` (a URL
+whose file name is a caption included). The loader reads only the `.mp4` (training/loaders/clips.py); this
+check says the data had nothing else to give.
 Anything that cannot be verified (no record, a missing shard, a changed checksum) is a named problem, and
 the lineage is then not text-free: an unproven claim does not pass.
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -28,6 +31,10 @@ from training.stages import stage_spec
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption", "cap", "vtt", "srt", "ass", "sub", "title"})
 TEXT_KEYS = frozenset({"caption", "captions", "text", "txt", "name", "title", "description", "subtitles",
                        "tags", "keywords"})
+# .json keys holding a URL: one whose file name is three or more words is a caption too (a real WebVid
+# contentUrl ends in its caption, ".../stock-footage-horse-grazing-on-green-screen.mp4").
+URL_KEYS = frozenset({"url", "contenturl", "content_url", "video_url", "source_url", "page_url", "original_url"})
+SLUG_WORDS = 3
 RESOLVED_CONFIG = "config/resolved.json"
 TRAINED_MANIFEST = "datasets/training/manifest.json"
 MAX_EXAMPLES = 5  # text findings quoted per dataset
@@ -50,13 +57,22 @@ class _Hashing:
         return self.digest.hexdigest()
 
 
+def slug_words(url: str) -> list[str]:
+    """The words of a URL's file name ("stock-footage-a-cat.mp4" -> stock, footage, cat): runs of two or
+    more letters, the extension left out."""
+    name = urlsplit(url).path.rsplit("/", 1)[-1]
+    return re.findall(r"[A-Za-z]{2,}", name.rsplit(".", 1)[0] if "." in name else name)
+
+
 def text_fields(obj: Any, path: str = "") -> Iterator[str]:
     """Dotted paths of the non-empty strings (or lists of them) held under caption-like keys of a JSON
-    value, at any depth."""
+    value, at any depth, and of URLs whose file name is a caption (`SLUG_WORDS` words or more)."""
     if isinstance(obj, dict):
         for key, value in obj.items():
             here = f"{path}.{key}" if path else str(key)
             if str(key).lower() in TEXT_KEYS and _has_text(value):
+                yield here
+            elif str(key).lower() in URL_KEYS and isinstance(value, str) and len(slug_words(value)) >= SLUG_WORDS:
                 yield here
             else:
                 yield from text_fields(value, here)

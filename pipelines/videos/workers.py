@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines.videos.readers import check_span
@@ -182,9 +183,15 @@ def probe(path: str) -> tuple[dict, str | None]:
             "width": stream.get("width"), "height": stream.get("height")}, None
 
 
+TAR_OMITS = frozenset({"url"})  # row fields kept out of a sample's .json (provenance stays in the parquet)
+
+
 class ClipsOnlyWriter:
-    """video2dataset's webdataset writer, except that a failed row goes to the shard's parquet only:
-    its tar holds nothing but trainable samples (.mp4 + .json)."""
+    """video2dataset's webdataset writer, except that a failed row goes to the shard's parquet only - its tar
+    holds nothing but trainable samples (.mp4 + .json) - and that no text reaches the tar: no caption member
+    (whatever `save_caption` says) and no source URL in the .json, since a real WebVid contentUrl ends in its
+    caption's words (".../stock-footage-horse-grazing-on-green-screen.mp4"). The shard's parquet and
+    outcomes.parquet keep each row's URL, by key."""
 
     def __init__(self, shard_id: int, output_folder: str, save_caption: bool, oom_shard_count: int,
                  schema: pa.Schema, encode_formats: dict) -> None:
@@ -194,10 +201,12 @@ class ClipsOnlyWriter:
                                             encode_formats)
 
     def write(self, streams: dict, key: str, caption: str | None, meta: dict) -> None:
+        meta = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}
         if streams:
-            self.inner.write(streams, key, caption, meta)
-        else:
-            self.inner.buffered_parquet_writer.write(meta)
+            sample = {"__key__": key, **{self.inner.encode_formats.get(m, m): s for m, s in streams.items()}}
+            sample["json"] = json.dumps({k: v for k, v in meta.items() if k not in TAR_OMITS}, indent=4)
+            self.inner.tarwriter.write(sample)
+        self.inner.buffered_parquet_writer.write(meta)
 
     def close(self) -> None:
         self.inner.close()
