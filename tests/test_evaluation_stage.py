@@ -190,6 +190,7 @@ def test_a_lineage_the_caller_has_is_used_as_given(store, world, tmp_path):
     assert result["summary"]["lineage"] == given
     assert result["summary"]["quality_bar"]["checks"]["video_text_samples"]["passed"]
 
+
 def test_registering_the_command_does_not_load_torch():
     import subprocess
     import sys

@@ -305,6 +305,7 @@ def test_some_image_captions_name_a_motion_the_still_cannot_show():
     with pytest.raises(ValueError):
         type(base).model_validate({**base.model_dump(), "motion_caption_share": 1.5})
 
+
 def test_held_out_triples_never_reach_a_caption(tmp_path):
     """world.held_out keeps that many drawable (shape, colour, background) triples out of every LAION row,
     the same ones for the same seed; some captions leave out the size or the position."""

@@ -29,7 +29,7 @@ from pipelines.evaluate import EvalConfig, evaluate_video, parse_prompt
 from pipelines.generate import STAGES, resolve_tracking_uri, write_gif
 from pipelines.world.config import POSITIONS, WorldConfig
 from pipelines.world.generate import VIDEO_TEMPLATES, WHERE, _english, renderable_triples
-from pipelines.world.videos import DIRECTIONS, PAN_DIRECTIONS
+from pipelines.world.videos import caption_directions
 
 Triple = tuple[str, str, str]  # (shape, colour, background)
 QUALITY_BAR = {"prompt_faithfulness": 0.8, "motion_share": 0.8, "temporal_consistency": 0.9}
@@ -103,7 +103,7 @@ def _caption(rng: np.random.Generator, world: WorldConfig, triple: Triple, motio
     shape, colour, background = triple
     sizes = sorted(world.sizes, key=world.sizes.get)
     size = sizes[0] if motion == "grow" else sizes[int(rng.integers(len(sizes)))]
-    directions = list(PAN_DIRECTIONS if motion == "pan" else DIRECTIONS)
+    directions = caption_directions(motion)
     position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
     return _english(VIDEO_TEMPLATES[motion].format(
         shape=shape, colour=colour, background=background, size=size, where=WHERE[position],

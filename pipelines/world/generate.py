@@ -34,8 +34,7 @@ from pipelines.world.config import (HDVILA_BAD, LAION_BAD, POSITIONS, SPAN_DEFEC
 from pipelines.world.formats import (write_ground_truth, write_hdvila, write_laion, write_webvid,
                                      write_world_json)
 from pipelines.world.shapes import HALF_EXTENT, render
-from pipelines.world.videos import (DIRECTIONS, PAN_DIRECTIONS, encode_mp4, render_video, sample_motion,
-                                    trajectory)
+from pipelines.world.videos import caption_directions, encode_mp4, render_video, sample_motion, trajectory
 
 OUTPUTS = ("world.json", "laion.parquet", "webvid.csv", "hdvila.jsonl", "ground_truth.parquet", "files", "truth")
 WHERE = {"top left": "at the top left", "top": "at the top", "top right": "at the top right",
@@ -158,8 +157,7 @@ def _image_caption(rng: np.random.Generator, config: WorldConfig) -> str:
     if config.motion_caption_share <= 0 or rng.random() >= config.motion_caption_share:
         return _pick(rng, IMAGE_TEMPLATES)
     motion = _pick(rng, config.motions)
-    directions = PAN_DIRECTIONS if motion == "pan" else DIRECTIONS
-    return VIDEO_TEMPLATES[motion].replace("{direction}", _pick(rng, directions))
+    return VIDEO_TEMPLATES[motion].replace("{direction}", _pick(rng, caption_directions(motion)))
 
 
 def _plan_images(rng: np.random.Generator, config: WorldConfig) -> list[dict]:

@@ -24,6 +24,11 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
 PAN_DIRECTIONS = ("to the right", "to the left", "up", "down")
 
 
+def caption_directions(motion: str) -> tuple[str, ...]:
+    """The directions a caption of `motion` can name: a pan goes along an axis, a drift any compass way."""
+    return PAN_DIRECTIONS if motion == "pan" else tuple(DIRECTIONS)
+
+
 def _fold(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Reflect `x` into [lo, hi] as a ball bouncing between two walls would be."""
     span = hi - lo
@@ -46,7 +51,7 @@ def sample_motion(rng: np.random.Generator, motion: str, shape: str, size_frac: 
         return {"start": [float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))],
                 "velocity": [float(speed * np.cos(angle)), float(speed * np.sin(angle))], "r": size_frac,
                 "walls": [lo, hi]}  # the range of the centre: where the shape touches the frame
-    names = PAN_DIRECTIONS if motion == "pan" else tuple(DIRECTIONS)
+    names = caption_directions(motion)
     direction = names[rng.integers(len(names))]
     ux, uy = DIRECTIONS[direction]
     travel = rng.uniform(0.2, min(0.45, (hi - lo) * 0.9))
