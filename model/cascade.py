@@ -9,7 +9,8 @@ classifier-free guidance scale; the stages only hand tensors to each other. The 
 - `interpolate_images`: two images as first and last frames, F generates the frames between;
 - `vary_video`: the mean CLIP embedding of a video's frames replaces the prior's output.
 With `temporal.candidates` k > 1, Dt samples k base videos per row and keeps the one whose frames are closest
-in CLIP space to the prompt (to the source video for a variation): DALL-E's re-ranking at the video level.
+in CLIP space to the prompt (to the source video for a variation): DALL-E's re-ranking at the video level;
+`temporal.jump_penalty` marks down a candidate whose largest step between frames dwarfs its typical one.
 The base video of every use is stored under "temporal" (for animation and interpolation F makes it).
 
 Outputs are keyed by stage name: "prior" holds the conditioning CLIP image embedding (B, D) (sampled by
@@ -232,19 +233,41 @@ def text_embedding(cascade: Cascade, prompts: Sequence[str]) -> torch.Tensor:
         return cascade.clip.encode_text(tokens, normalize=True).float()
 
 
+def frame_embeddings(cascade: Cascade, videos: torch.Tensor) -> torch.Tensor:
+    """Unit-norm CLIP image embeddings of every frame: (B, C, F, H, W) -> (B, F, D)."""
+    return image_embedding(cascade, fold_frames(videos)).view(videos.shape[0], videos.shape[2], -1)
+
+
 def frame_similarity(cascade: Cascade, videos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per video (B, C, F, H, W): the mean over its frames of the cosine between the frame's CLIP image
     embedding and target (B, D), unit norm - CLIPSIM when target is the prompt's text embedding. (B,)"""
-    b, f = videos.shape[0], videos.shape[2]
-    emb = image_embedding(cascade, fold_frames(videos)).view(b, f, -1)  # (B, F, D)
-    return torch.einsum("bfd,bd->b", emb, target.to(emb)) / f
+    emb = frame_embeddings(cascade, videos)
+    return torch.einsum("bfd,bd->b", emb, target.to(emb)) / emb.shape[1]
+
+
+def frame_jumps(videos: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Per video (B, C, F, H, W): log(largest / median mean-absolute change between consecutive frames), 0
+    for fewer than 3 frames. An object moving evenly (or held) gives about 0; one that jumps between two
+    places in one step gives that step's excess. (B,)"""
+    if videos.shape[2] < 3:
+        return videos.new_zeros(videos.shape[0])
+    steps = (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean(dim=(1, 3, 4)).float()  # (B, F-1)
+    return torch.log((steps.amax(dim=1) + eps) / (steps.median(dim=1).values + eps))
+
+
+def candidate_scores(cascade: Cascade, videos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """What `temporal.candidates` ranks by: `frame_similarity` to the target less `temporal.jump_penalty`
+    times `frame_jumps`. (B,)"""
+    scores = frame_similarity(cascade, videos, target)
+    weight = cascade.cfg.temporal.jump_penalty
+    return scores - weight * frame_jumps(videos).to(scores) if weight else scores
 
 
 def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: torch.Generator,
                     bar: ProgressBar | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
     """Dt: frames x base_size video (B, C, F, H, W) conditioned on the embedding and fps. Given a `target`
     (B, D) and `temporal.candidates` k > 1, k videos per row are sampled in one batch (rows i*k .. i*k+k-1)
-    and the one whose frames are closest to the target (`frame_similarity`) kept."""
+    and the best by `candidate_scores` kept (closest to the target, with `temporal.jump_penalty` evenest)."""
     s, b = cascade.cfg.shape, emb.shape[0]
     k = cascade.cfg.temporal.candidates if target is not None else 1
     cond = {"cond_emb": emb.repeat_interleave(k, dim=0), "fps": _fps(fps, b * k, cascade.device)}
@@ -252,7 +275,7 @@ def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: 
                            generator, bar)
     if k == 1:
         return videos
-    scores = frame_similarity(cascade, videos, target.repeat_interleave(k, dim=0)).view(b, k)
+    scores = candidate_scores(cascade, videos, target.repeat_interleave(k, dim=0)).view(b, k)
     return _keep_best(videos.view(b, k, *videos.shape[1:]), scores)
 
 
@@ -411,8 +434,7 @@ def image_embedding(cascade: Cascade, images: torch.Tensor) -> torch.Tensor:
 def video_embedding(cascade: Cascade, video: torch.Tensor) -> torch.Tensor:
     """The mean CLIP image embedding of a video's frames, renormalised (as the video stages trained):
     (B, C, F, H, W) -> (B, D)."""
-    emb = image_embedding(cascade, fold_frames(video))  # (B*F, D)
-    return Fn.normalize(emb.reshape(video.shape[0], video.shape[2], -1).mean(dim=1), dim=-1)
+    return Fn.normalize(frame_embeddings(cascade, video).mean(dim=1), dim=-1)
 
 
 def to_base(cascade: Cascade, images: torch.Tensor) -> torch.Tensor:

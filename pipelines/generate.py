@@ -210,6 +210,8 @@ def _stage_info(cascade: Cascade, use: str, result: CascadeOutput, row: int) -> 
             entry["seed"] = result.seeds.get(stage)
         if net in ("prior", "temporal"):
             entry["candidates"] = getattr(cascade.cfg, net).candidates  # re-ranked samples per row
+        if net == "temporal":
+            entry["jump_penalty"] = cascade.cfg.temporal.jump_penalty  # its weight in the re-ranking
         out = result[stage][row]
         if out.dim() == 4:  # (C, F, H, W)
             entry.update(frames=out.shape[1], height=out.shape[2], width=out.shape[3], fps=result.fps.get(stage))

@@ -3,11 +3,13 @@ seeds, stop_at, the known frames of interpolation and animation, variation's con
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
-from model.cascade import (STAGE_ORDER, animate_image, build_cascade, interpolate_images, sample_masked, sample_prior,
+from model.cascade import (STAGE_ORDER, animate_image, build_cascade, frame_jumps, frame_similarity,
+                           interpolate_images, sample_masked, sample_prior,
                            sample_temporal, text_embedding,
                            stage_network, stage_seed, stages_needed, super_resolve_high, super_resolve_low,
                            text_to_video, to_base, vary_video, video_embedding)
@@ -239,6 +241,40 @@ def test_temporal_candidates_keep_the_video_closest_to_the_text(cascade):
     assert torch.equal(unranked, sample_temporal(cascade, emb, 8, torch.Generator().manual_seed(5)))
 
 
+def test_jump_penalty_ranks_candidates_by_clipsim_less_their_largest_jump(cascade):
+    """With `temporal.jump_penalty` w, a candidate's score is its CLIPSIM less w times log(largest / median
+    change between consecutive frames); a large w keeps the evenest candidate. An object moving evenly scores
+    no jump, one that leaps across the frame half-way scores a large one, a video of < 3 frames none."""
+    prompts, k = PROMPT + ["a green square on a white background"], 4
+    emb = torch.nn.functional.normalize(torch.randn(len(prompts), 32, generator=torch.Generator().manual_seed(1)),
+                                        dim=-1)
+    each = sample_temporal(cascade, emb.repeat_interleave(k, dim=0), 8, torch.Generator().manual_seed(5))
+    target = text_embedding(cascade, prompts)
+    similarity = frame_similarity(cascade, each, target.repeat_interleave(k, dim=0))
+    jumps = frame_jumps(each)
+    steps = (each[:, :, 1:] - each[:, :, :-1]).abs().mean(dim=(1, 3, 4))
+    torch.testing.assert_close(jumps, torch.log((steps.max(1).values + 1e-4) / (steps.median(1).values + 1e-4)))
+    for weight in (0.3, 100.0):
+        cfg = cascade.cfg.model_copy(deep=True)
+        cfg.temporal.candidates, cfg.temporal.jump_penalty = k, weight
+        chosen = sample_temporal(dataclasses.replace(cascade, cfg=cfg), emb, 8, torch.Generator().manual_seed(5),
+                                 target=target)
+        best = (similarity - weight * jumps).view(len(prompts), k).argmax(dim=1)
+        torch.testing.assert_close(chosen, each.view(len(prompts), k, *each.shape[1:])[torch.arange(len(prompts)), best])
+    assert torch.equal(best, jumps.view(len(prompts), k).argmin(dim=1))  # w = 100: the evenest candidate
+
+    def square_at(xs):  # (1, 3, F, 16, 16): a white 4x4 square at column x of frame f, on black
+        video = -torch.ones(1, 3, len(xs), 16, 16)
+        for f, x in enumerate(xs):
+            video[:, :, f, 6:10, x:x + 4] = 1.0
+        return video
+
+    even, leap = square_at([0, 1, 2, 3, 4, 5, 6, 7]), square_at([0, 1, 2, 3, 10, 11, 12, 12])
+    assert frame_jumps(even).item() == pytest.approx(0.0, abs=1e-3)
+    assert frame_jumps(leap).item() > math.log(1.5)
+    assert frame_jumps(leap[:, :, :2]).item() == 0.0
+
+
 def test_candidates_only_where_they_are_read():
     cfg = cascade_preset("tiny")
     cfg.temporal.candidates = 4
@@ -246,4 +282,8 @@ def test_candidates_only_where_they_are_read():
     data = cfg.model_dump()
     data["sr_low"]["candidates"] = 2
     with pytest.raises(ValueError, match="prior and temporal stages only.*sr_low"):
+        type(cfg).model_validate(data)
+    data = cfg.model_dump()
+    data["decoder"]["jump_penalty"] = 1.0
+    with pytest.raises(ValueError, match="temporal stage only.*decoder"):
         type(cfg).model_validate(data)
