@@ -155,12 +155,12 @@ class CascadeConfig(ConfigBase):
 
     @model_validator(mode="after")
     def _candidates_where_read(self) -> "CascadeConfig":
-        unread = [s for s in ("decoder", "interpolation", "sr_low", "sr_high") if getattr(self, s).candidates != 1]
-        if unread:
-            raise ValueError(f"candidates is read for the prior and temporal stages only; set to 1 on {unread}")
-        unread = [s for s in ("decoder", "interpolation", "sr_low", "sr_high") if getattr(self, s).jump_penalty]
-        if unread:
-            raise ValueError(f"jump_penalty is read for the temporal stage only; set to 0 on {unread}")
+        for field, default, where in (("candidates", 1, "the prior and temporal stages"),
+                                      ("jump_penalty", 0.0, "the temporal stage")):
+            unread = [s for s in ("decoder", "interpolation", "sr_low", "sr_high")
+                      if getattr(getattr(self, s), field) != default]
+            if unread:
+                raise ValueError(f"{field} is read for {where} only; set to {default:g} on {unread}")
         return self
 
 
