@@ -89,6 +89,10 @@ class WorldConfig(ConfigBase):
     backgrounds: dict[str, tuple[int, int, int]] = Field(default_factory=lambda: dict(BACKGROUNDS))
     sizes: dict[str, float] = Field(default_factory=lambda: dict(SIZES))
     motions: tuple[str, ...] = MOTIONS
+    travel: tuple[float, float] = Field((0.2, 0.45), description=(
+        "min, max distance a drift or pan covers over its video, fractions of the side"))
+    grow_to: float = Field(1.0, ge=1.0, le=2.0, description=(
+        "a growing shape ends at this multiple of the largest size"))
     held_out: int = Field(0, ge=0, description="(shape, colour, background) triples no LAION row shows")
     motion_caption_share: float = Field(0.0, ge=0.0, le=1.0, description=(
         "share of LAION captions phrased as a video caption naming a motion the still cannot show"))
@@ -132,6 +136,8 @@ class WorldConfig(ConfigBase):
         lo, hi = self.video_seconds
         if not 3 <= lo <= hi:
             raise ValueError(f"video_seconds must satisfy 3 <= min <= max, got {self.video_seconds}")
+        if not 0 < self.travel[0] <= self.travel[1] <= 0.9:
+            raise ValueError(f"travel must satisfy 0 < min <= max <= 0.9, got {self.travel}")
         if not self.colours or not self.backgrounds or not self.sizes:
             raise ValueError("colours, backgrounds and sizes must not be empty")
         if not all(0.03 <= s <= 0.2 for s in self.sizes.values()):
@@ -166,8 +172,12 @@ def _tiny() -> WorldConfig:
 
 
 def _toy() -> WorldConfig:
-    # Images at 128 px serve sr_high of the toy cascade (128); videos at 128 px, 6-10 s, so that 8
-    # frames at fps 1 still fit in a clip.
+    # Images at 128 px serve sr_high of the toy cascade (128); videos at 128 px.
+    # Motion that shows in the second that Dt samples (8 frames at 8 fps): with 6-10 s videos, drifts and pans of
+    # 0.2-0.45 of the side and growth to the largest size, 8-fps windows of the world's own videos moved by the
+    # evaluator's 0.05 in 0.51 of 120 (drift 0.36, pan 0.69, grow 0.00): a faithful Dt failed the motion bar.
+    # With 3-4 s videos, travel 0.35-0.5 and growth to 1.6x the largest size, 1.00 of them move (consistency
+    # 0.99, faithfulness 0.99); docs/QUALITY.md, session 20.
     # Shapes larger than the tiny world's, so that at the 32 px base resolution of the toy cascade even a
     # small one spans ~8 px and its outline (circle, square, triangle, diamond, cross) can be drawn.
     # 12 of the 140 drawable (shape, colour, background) triples never appear in a caption (held out).
@@ -175,7 +185,8 @@ def _toy() -> WorldConfig:
     # none (sessions 4-16) the text encoder had never met "drifting", "bouncing" or "pans" before the
     # evaluation's video captions, and the prior got embeddings unlike any it was trained on.
     return WorldConfig(n_images=3000, n_videos=200, n_hdvila_videos=40, clips_per_video=3,
-                       image_size=128, video_size=128, video_seconds=(6, 10), bad_share=0.05, slow_rows=2,
+                       image_size=128, video_size=128, video_seconds=(3, 4), travel=(0.35, 0.5), grow_to=1.6,
+                       bad_share=0.05, slow_rows=2,
                        sizes={"small": 0.13, "medium": 0.16, "large": 0.19}, held_out=12,
                        motion_caption_share=0.25)
 

@@ -199,14 +199,15 @@ def _ensure_nulls(rows: list[dict], config: WorldConfig) -> None:
 
 def _plan_videos(rng: np.random.Generator, config: WorldConfig, n: int, bad: tuple[str, ...],
                  redirects: int, id_of) -> list[dict]:
-    small, large = min(config.sizes.values()), max(config.sizes.values())
+    small, large = min(config.sizes.values()), max(config.sizes.values()) * config.grow_to
     videos = []
     for i, (category, detail) in enumerate(_plan(rng, config, n, bad, redirects)):
         scene = _scene(rng, config)
         motion = _pick(rng, config.motions)
         if motion == "grow":
             scene["size"] = min(config.sizes, key=config.sizes.get)
-        params = sample_motion(rng, motion, scene["shape"], config.sizes[scene["size"]], large, small)
+        params = sample_motion(rng, motion, scene["shape"], config.sizes[scene["size"]], large, small,
+                               config.travel)
         scene["position"] = _nearest_position(*params["start"])
         seconds = int(rng.integers(config.video_seconds[0], config.video_seconds[1] + 1))
         words = {**scene, "where": WHERE[scene["position"]], "direction": params.get("direction", "")}

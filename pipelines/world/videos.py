@@ -37,8 +37,10 @@ def _fold(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def sample_motion(rng: np.random.Generator, motion: str, shape: str, size_frac: float,
-                  large_frac: float, small_frac: float) -> dict:
-    """Parameters of one motion, as JSON-ready numbers (fractions of the side, per second)."""
+                  large_frac: float, small_frac: float, travel: tuple[float, float] = (0.2, 0.45)) -> dict:
+    """Parameters of one motion, as JSON-ready numbers (fractions of the side, per second). A drift or pan
+    covers a distance drawn from `travel` over the video (less where the shape has no room for it); a growing
+    shape goes from `small_frac` to `large_frac`."""
     extent = HALF_EXTENT[shape]
     if motion == "grow":
         lo, hi = extent * large_frac, 1 - extent * large_frac
@@ -54,7 +56,8 @@ def sample_motion(rng: np.random.Generator, motion: str, shape: str, size_frac: 
     names = caption_directions(motion)
     direction = names[rng.integers(len(names))]
     ux, uy = DIRECTIONS[direction]
-    travel = rng.uniform(0.2, min(0.45, (hi - lo) * 0.9))
+    room = (hi - lo) * 0.9
+    travel = rng.uniform(min(travel[0], room), min(travel[1], room))
     # For a pan the object moves against the camera; either way it must stay inside the frame.
     sign = -1.0 if motion == "pan" else 1.0
     end_dx, end_dy = sign * ux * travel, sign * uy * travel
