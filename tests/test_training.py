@@ -505,6 +505,27 @@ def test_trainable_temporal_keeps_the_image_weights() -> None:
         restrict_trainable(build_network("decoder", cascade), "temporal", "decoder")
 
 
+def test_the_toy_preset_trains_only_what_inflation_added_to_dt() -> None:
+    """The toy preset's Dt keeps the image decoder's spatial weights (session 20's Dt lost the shape when every
+    weight trained on 300 clips): on the toy-size network only the temporal layers and the fps embedding
+    require a gradient; F and sr_low, which start from video weights or from scratch, train every weight."""
+    from model.inflate import is_added
+    from training.loop import restrict_trainable
+
+    cascade, train = cascade_preset("toy"), train_preset("toy")
+    net = build_network("temporal", cascade)
+    restrict_trainable(net, train.temporal.trainable, "temporal")
+    trains = {k for k, p in net.named_parameters() if p.requires_grad}
+    assert trains and all(is_added(k) for k in trains)
+    assert any(".temporal." in k for k in trains) and any("fps" in k for k in trains)
+    kept = sum(p.numel() for k, p in net.named_parameters() if k not in trains)
+    assert kept > sum(p.numel() for k, p in net.named_parameters() if k in trains)  # most weights stay as on images
+    for stage in ("interpolation", "sr_low"):
+        other = build_network(stage, cascade)
+        restrict_trainable(other, train.stage(stage).trainable, stage)
+        assert all(p.requires_grad for p in other.parameters())
+
+
 def test_train_command_and_stage_order() -> None:
     import argparse
 
