@@ -124,7 +124,9 @@ def test_evaluate_cascade_logs_the_run(store, world, tmp_path, capsys):
     assert not result["summary"]["quality_bar"]["checks"]["video_text_samples"]["passed"]
     assert metrics["eval/video_text_samples"] == 0.0
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "evaluation videos" in captured.err and "8/8" in captured.err  # one progress bar over the stage
     assert all(p.text[:40] in printed for p in prompts) and "quality bar: FAIL" in printed
     assert "lineage: video stages (temporal v1, interpolation v1, sr_low v1) trained on 0 clips" in printed
     assert "not verified: temporal v1: no training record of its data" in printed

@@ -110,11 +110,12 @@ def train_preset(name: str) -> TrainConfig:
             # against 0.58 / 0.67 / 0.65); batch 16 did not add to it. Dt costs 8.5 min instead of 5.2.
             # Clips at 4-12 fps (mean 8, the rate the demo samples at): at the default schedule's 8 -> 23 fps,
             # the late steps' 8-frame clips showed a drift covering a third of what 8 fps shows.
-            # Only the temporal layers and the fps embedding train (the paper's recipe: the image decoder's
-            # spatial weights as learnt on images). Training every weight on the 3-4 s world's 300 clips lost
-            # the shape at Dt (session 20, base stage: shape read 0.58, against 0.83 for the untrained inflated
-            # decoder in session 9); lr 1e-3 and 800 steps as the identity-initialised layers start from nothing,
-            # at about the cost of 600 steps that also update the spatial weights. docs/QUALITY.md, session 21.
+            # Only the temporal layers and the fps embedding train; the image decoder's spatial weights stay as
+            # learnt on images. Training every weight on the 3-4 s world's 300 clips lost the shape at Dt
+            # (session 20, base stage: shape read 0.58). lr 1e-3 and 800 steps, as the identity-initialised layers
+            # start from nothing (15.9 min here, 14.4 for session 20's 600 steps of every weight). From-scratch
+            # demos, 16 prompts x 2 after sr_high: faithfulness / consistency / motion share 0.79 / 0.87 / 0.97
+            # (session 21) against 0.68 / 0.83 / 0.94 training every weight (session 20). docs/QUALITY.md.
             "temporal": StageTrainConfig(steps=800, batch_size=8, sample_every=800, fps_min=4, fps_max=12,
                                          fps_mean=(0.5, 0.5), **{**common, "lr": 1e-3, "trainable": "temporal"}),
             "interpolation": StageTrainConfig(steps=150, batch_size=4, sample_every=150, **common),

@@ -272,18 +272,23 @@ def _generate(cascade: Any, prompts: Sequence[PromptSpec], samples: int, seed: i
               fps: float, batch_size: int) -> tuple[np.ndarray, list[PromptSpec], list[dict], float]:
     """(videos (N, F, H, W, 3) uint8, their prompts, per-video sample info, output fps). Sample s of
     batch k uses seed + 1000 * s + k, so a video depends only on its prompt, batch and sample."""
+    from tqdm.auto import tqdm
+
     from model.cascade import text_to_video, to_uint8
 
     videos, specs, info, out_fps = [], [], [], fps
-    for s in range(samples):
-        for k, start in enumerate(range(0, len(prompts), batch_size)):
-            batch = list(prompts[start:start + batch_size])
-            call_seed = seed + 1000 * s + k
-            result = text_to_video(cascade, [p.text for p in batch], fps, call_seed, stop_at, progress=False)
-            videos.append(to_uint8(result[result.last_stage]).numpy())
-            out_fps = result.fps[result.last_stage]
-            specs += batch
-            info += [{"sample": s, "seed": call_seed, "stage": result.last_stage} for _ in batch]
+    # One bar over the whole stage (the demo's is ~30 min on a 2-core CPU); the cascade's own bars stay off.
+    with tqdm(total=samples * len(prompts), desc="evaluation videos", unit="video") as bar:
+        for s in range(samples):
+            for k, start in enumerate(range(0, len(prompts), batch_size)):
+                batch = list(prompts[start:start + batch_size])
+                call_seed = seed + 1000 * s + k
+                result = text_to_video(cascade, [p.text for p in batch], fps, call_seed, stop_at, progress=False)
+                videos.append(to_uint8(result[result.last_stage]).numpy())
+                out_fps = result.fps[result.last_stage]
+                specs += batch
+                info += [{"sample": s, "seed": call_seed, "stage": result.last_stage} for _ in batch]
+                bar.update(len(batch))
     return np.concatenate(videos), specs, info, out_fps
 
 
