@@ -12,7 +12,9 @@ Two small from-scratch architectures are registered with open_clip under their n
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import open_clip
 import torch
@@ -63,6 +65,25 @@ def _unwrap(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever `pretrained` is None,
+    which is every build here: the weights come from `cfg.weights_path` or from the caller (a registered stage),
+    after the build, so in a log the line said the opposite of what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    root, drop = logging.getLogger(), _DropRandomInitWarning()  # open_clip logs through the root logger
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def build_clip(cfg: ClipConfig, device: torch.device | str = "cpu"
                ) -> tuple[torch.nn.Module, Callable, Callable[[Sequence[str]], torch.Tensor]]:
     """(model, preprocess, tokenizer) for `cfg.model_name` from open_clip's registry (`cfg.custom`, if set,
@@ -80,9 +101,10 @@ def build_clip(cfg: ClipConfig, device: torch.device | str = "cpu"
                          f"embed_dim={cfg.embed_dim}")
     if cfg.weights_path is not None:
         state_dict, _ = load_weights(cfg.weights_path)  # FileNotFoundError naming the path if absent
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        cfg.model_name, pretrained=None, pretrained_image=False, pretrained_text=False,
-        force_image_size=cfg.image_size, force_context_length=cfg.context_length, device=device)
+    with _quiet_random_init():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model_name, pretrained=None, pretrained_image=False, pretrained_text=False,
+            force_image_size=cfg.image_size, force_context_length=cfg.context_length, device=device)
     if cfg.weights_path is not None:
         model.load_state_dict(_unwrap(state_dict))
     tokenizer = open_clip.get_tokenizer(cfg.model_name, context_length=cfg.context_length)

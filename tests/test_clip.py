@@ -79,6 +79,19 @@ def test_safetensors_round_trip_gives_identical_embeddings(tiny, tmp_path):
         assert torch.equal(encode_text(model, tokenizer, CAPTIONS), encode_text(loaded, tokenizer, CAPTIONS))
 
 
+def test_building_logs_no_random_init_warning_and_keeps_other_warnings(caplog):
+    """open_clip's "initialized randomly" line is dropped (the weights are loaded after the build); the
+    root logger's other warnings still pass once the build is done."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        build_clip(TINY)
+        logging.warning("another warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("No pretrained weights loaded" in m for m in messages)
+    assert "another warning" in messages
+
+
 def test_custom_config_is_registered_by_name():
     arch = {**CLIP_CONFIGS["mav-tiny-clip"], "embed_dim": 16}
     model, _, _ = build_clip(TINY.model_copy(update={"model_name": "mav-test-custom", "embed_dim": 16,
