@@ -65,23 +65,21 @@ def _unwrap(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-class _DropRandomInitWarning(logging.Filter):
-    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever `pretrained` is None,
-    which is every build here: the weights come from `cfg.weights_path` or from the caller (a registered stage),
-    after the build, so in a log the line said the opposite of what happened."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+def _not_random_init_warning(record: logging.LogRecord) -> bool:
+    """False for open_clip's "No pretrained weights loaded ... initialized randomly", logged whenever
+    `pretrained` is None - every build here: the weights come from `cfg.weights_path` or from the caller (a
+    registered stage) after the build, so in a log the line said the opposite of what happened."""
+    return "No pretrained weights loaded" not in record.getMessage()
 
 
 @contextmanager
 def _quiet_random_init() -> Iterator[None]:
-    root, drop = logging.getLogger(), _DropRandomInitWarning()  # open_clip logs through the root logger
-    root.addFilter(drop)
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(_not_random_init_warning)
     try:
         yield
     finally:
-        root.removeFilter(drop)
+        root.removeFilter(_not_random_init_warning)
 
 
 def build_clip(cfg: ClipConfig, device: torch.device | str = "cpu"

@@ -104,9 +104,9 @@ def train_preset(name: str) -> TrainConfig:
             # at step 2400 of the same run; the 2400-step demo decoder read 0.61 on the same images.
             "decoder": StageTrainConfig(steps=3600, batch_size=32, sample_every=3600,
                                         **{**common, "lr": 1e-3, "ema_decay": 0.995, "checkpoint_every": 200}),
-            # 600 temporal steps: base-stage faithfulness 0.41 against 0.29 after 300 (16 videos, same seeds).
-            # Batch 8: retrained on one demo's weights, 16 prompts x 4 samples, consistency 0.80 / 0.79 / 0.86 over
-            # three training seeds against 0.74 / 0.73 / 0.75 at batch 4, faithfulness alike (0.67 / 0.61 / 0.66
+            # History (every weight trained then): 600 steps read base-stage faithfulness 0.41 against 0.29
+            # after 300 (16 videos, same seeds). Batch 8: retrained on one demo's weights, 16 prompts x 4
+            # samples, consistency 0.80 / 0.79 / 0.86 over three training seeds against 0.74 / 0.73 / 0.75 at batch 4, faithfulness alike (0.67 / 0.61 / 0.66
             # against 0.58 / 0.67 / 0.65); batch 16 did not add to it. Dt costs 8.5 min instead of 5.2.
             # Clips at 4-12 fps (mean 8, the rate the demo samples at): at the default schedule's 8 -> 23 fps,
             # the late steps' 8-frame clips showed a drift covering a third of what 8 fps shows.
