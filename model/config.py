@@ -216,8 +216,7 @@ def _toy() -> CascadeConfig:
         # videos per prompt, CLIPSIM less 0.3 x the largest jump: on the session-17 demo's weights, 16 x 2 at
         # the base stage, faithfulness / consistency / motion share 0.77 / 0.73 / 0.91 sampled plainly; of 4,
         # 0.80 / 0.75 / 0.91 ranked by CLIPSIM alone, 0.84 / 0.83 / 0.91 with the penalty (0.2-0.5 alike).
-        # 6 candidates since session 22 (Dt's 32-px samples are the cascade's cheapest; F and SR see one).
-        temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler, candidates=6,
+        temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler, candidates=4,
                            jump_penalty=0.3),
         interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}),
                                 sampler=interp_sampler, known_fill="linear", fill_strength=0.15),

@@ -120,10 +120,7 @@ def train_preset(name: str) -> TrainConfig:
                                          fps_mean=(0.5, 0.5), **{**common, "lr": 1e-3, "trainable": "temporal"}),
             "interpolation": StageTrainConfig(steps=150, batch_size=4, sample_every=150, **common),
             # The SR stages cost the most per sample on a CPU (64 px video, 128 px frames): fewer, smaller steps.
-            # SR_l is text-conditioned and redraws the shapes Dt leaves as 32-px blobs (session 14: consistency
-            # 0.88 after F, 0.93 after SR_l); it had 60 steps of batch 2 up to session 21, where the squares
-            # read at the base stage 0.66 of the time and after SR 0.44. 200 steps of batch 4 since session 22.
-            "sr_low": StageTrainConfig(steps=200, batch_size=4, sample_every=200, **common),
+            "sr_low": StageTrainConfig(steps=60, batch_size=2, sample_every=60, **common),
             "sr_high": StageTrainConfig(steps=80, batch_size=4, sample_every=80, **common),
         }
         return TrainConfig(**stages)
