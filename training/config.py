@@ -106,8 +106,9 @@ def train_preset(name: str) -> TrainConfig:
                                         **{**common, "lr": 1e-3, "ema_decay": 0.995, "checkpoint_every": 200}),
             # History (every weight trained then): 600 steps read base-stage faithfulness 0.41 against 0.29
             # after 300 (16 videos, same seeds). Batch 8: retrained on one demo's weights, 16 prompts x 4
-            # samples, consistency 0.80 / 0.79 / 0.86 over three training seeds against 0.74 / 0.73 / 0.75 at batch 4, faithfulness alike (0.67 / 0.61 / 0.66
-            # against 0.58 / 0.67 / 0.65); batch 16 did not add to it. Dt costs 8.5 min instead of 5.2.
+            # samples, consistency 0.80 / 0.79 / 0.86 over three training seeds against 0.74 / 0.73 / 0.75 at
+            # batch 4, faithfulness alike (0.67 / 0.61 / 0.66 against 0.58 / 0.67 / 0.65); batch 16 did not add
+            # to it. Dt costs 8.5 min instead of 5.2.
             # Clips at 4-12 fps (mean 8, the rate the demo samples at): at the default schedule's 8 -> 23 fps,
             # the late steps' 8-frame clips showed a drift covering a third of what 8 fps shows.
             # Only the temporal layers and the fps embedding train; the image decoder's spatial weights stay as
@@ -115,7 +116,9 @@ def train_preset(name: str) -> TrainConfig:
             # (session 20, base stage: shape read 0.58). lr 1e-3 and 800 steps, as the identity-initialised layers
             # start from nothing (15.9 min here, 14.4 for session 20's 600 steps of every weight). From-scratch
             # demos, 16 prompts x 2 after sr_high: faithfulness / consistency / motion share 0.79 / 0.87 / 0.97
-            # (session 21) against 0.68 / 0.83 / 0.94 training every weight (session 20). docs/QUALITY.md.
+            # (session 21) against 0.68 / 0.83 / 0.94 training every weight (session 20); session 22's demo of
+            # this Dt (with 6 candidates and a longer SR_l, since reverted) read 0.56 / 0.78 / 0.81, already
+            # lower at the base stage: one run, not the preset's figure. docs/QUALITY.md.
             "temporal": StageTrainConfig(steps=800, batch_size=8, sample_every=800, fps_min=4, fps_max=12,
                                          fps_mean=(0.5, 0.5), **{**common, "lr": 1e-3, "trainable": "temporal"}),
             "interpolation": StageTrainConfig(steps=150, batch_size=4, sample_every=150, **common),
