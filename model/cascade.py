@@ -100,13 +100,16 @@ class CascadeOutput:
         return [s for s in STAGE_ORDER if s in self.outputs][-1]
 
 
-def stages_needed(use: str, stop_at: str | None = None) -> tuple[str, ...]:
-    """Networks (besides CLIP) a use runs up to `stop_at`: what a loader must provide."""
+def stages_needed(use: str, stop_at: str | None = None, cfg: CascadeConfig | None = None) -> tuple[str, ...]:
+    """Networks (besides CLIP) a use runs up to `stop_at`: what a loader must provide. Given the cascade's
+    config, the image decoder D too where Dt runs with `temporal.keyframe` set (D draws the key frame)."""
     if use not in USES:
         raise ValueError(f"unknown use {use!r}; choose one of {sorted(USES)}")
     last = _stop_index(stop_at)
     needed = {stage_network(use, s) for s in STAGE_ORDER[:last + 1]}
-    return tuple(s for s in USES[use] if s in needed)
+    if cfg is not None and cfg.temporal.keyframe != "none" and "temporal" in needed:
+        needed.add("decoder")
+    return tuple(s for s in ("decoder", *USES[use]) if s in needed)
 
 
 def stage_network(use: str, stage: str) -> str:
@@ -128,16 +131,16 @@ def _stop_index(stop_at: str | None) -> int:
 def build_cascade(cfg: CascadeConfig, state_dicts: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
                   *, stages: Sequence[str] | None = None, device: torch.device | str = "cpu",
                   precision: Precision | None = None, sr_high_chunk: int = 8) -> Cascade:
-    """Build CLIP and the networks of `stages` (default: all five). A stage whose weights are missing or
-    None keeps its random initialisation: for tests and benchmarks only; pipelines.generate.load_cascade
-    requires every weight. CLIP loads `state_dicts["clip"]`, else `cfg.clip.weights_path`, else stays random."""
+    """Build CLIP and the networks of `stages` (default: what text-to-video runs). A stage whose weights are
+    missing or None keeps its random initialisation: for tests and benchmarks only;
+    pipelines.generate.load_cascade requires every weight. CLIP loads `state_dicts["clip"]`, else `cfg.clip.weights_path`, else stays random."""
     state_dicts = dict(state_dicts or {})
     device = torch.device(device)
     clip, _, tokenizer = build_clip(cfg.clip, device=device)
     if state_dicts.get("clip") is not None:
         clip.load_state_dict(state_dicts["clip"])
     nets = {}
-    for stage in stages if stages is not None else STAGE_ORDER:
+    for stage in stages if stages is not None else stages_needed("text", None, cfg):
         net = build_network(stage, cfg)
         if state_dicts.get(stage) is not None:
             net.load_state_dict(state_dicts[stage])
@@ -271,12 +274,40 @@ def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: 
     s, b = cascade.cfg.shape, emb.shape[0]
     k = cascade.cfg.temporal.candidates if target is not None else 1
     cond = {"cond_emb": emb.repeat_interleave(k, dim=0), "fps": _fps(fps, b * k, cascade.device)}
-    videos = _sample_stage(cascade, "temporal", (b * k, s.channels, s.frames, s.base_size, s.base_size), cond,
-                           generator, bar)
+    shape = (b * k, s.channels, s.frames, s.base_size, s.base_size)
+    hooks = keyframe_hooks(cascade, cond["cond_emb"], shape, generator)
+    videos = _sample_stage(cascade, "temporal", shape, cond, generator, bar, **hooks)
     if k == 1:
         return videos
     scores = candidate_scores(cascade, videos, target.repeat_interleave(k, dim=0)).view(b, k)
     return _keep_best(videos.view(b, k, *videos.shape[1:]), scores)
+
+
+def keyframe_index(keyframe: str, frames: int) -> int | None:
+    """The frame `temporal.keyframe` has D draw: 0 ("first"), (frames - 1) // 2 ("middle") or None."""
+    return {"none": None, "first": 0, "middle": (frames - 1) // 2}[keyframe]
+
+
+def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], generator: torch.Generator
+                   ) -> dict[str, torch.Tensor]:
+    """With `temporal.keyframe` set: the image decoder D draws one frame per row of `emb` (B, D) and the
+    sampler hooks (`x_known`, `mask`) that hold it at its index of Dt's video `shape` (B, C, F, H, W), with
+    `temporal.keyframe_strength` < 1 also the start from it repeated over the frames (SDEdit's `x_init`,
+    `strength`); {} without. D samples with its own sampler settings, as it does for an image."""
+    index = keyframe_index(cascade.cfg.temporal.keyframe, shape[2])
+    if index is None:
+        return {}
+    b, c, f, h, w = shape
+    image = _sample_stage(cascade, "decoder", (b, c, h, w), {"cond_emb": emb}, generator, None)  # (B, C, H, W)
+    video = image.new_zeros(shape)
+    video[:, :, index] = image
+    known = torch.zeros(f, dtype=torch.bool, device=image.device)
+    known[index] = True
+    hooks = {"x_known": video, "mask": known[None, None, :, None, None]}
+    strength = cascade.cfg.temporal.keyframe_strength
+    if strength < 1.0:
+        hooks.update(x_init=image[:, :, None].expand(shape), strength=strength)
+    return hooks
 
 
 def sample_masked(cascade: Cascade, video: torch.Tensor, known: torch.Tensor, emb: torch.Tensor, fps: float,

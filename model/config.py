@@ -126,6 +126,15 @@ class UNetStage(ConfigBase):
         1, ge=1, description="temporal: base videos sampled per prompt in one batch; the one whose frames are "
         "closest in CLIP space to the prompt's text embedding (mean frame cosine, CLIPSIM) is kept - for a "
         "variation, to the source video's embedding. DALL-E's re-ranking, at the video level")
+    keyframe: Literal["none", "first", "middle"] = Field(
+        "none", description="temporal: 'first' or 'middle' has the image decoder D draw that frame of every base "
+        "video (one per candidate, from the same embedding) and Dt sample the others around it, held as image "
+        "animation holds its image (the sampler's known-frame hook): text -> image -> video, the shape drawn by "
+        "the network that learnt it on images; 'none': Dt draws every frame")
+    keyframe_strength: float = Field(
+        1.0, gt=0.0, le=1.0, description="temporal, with a keyframe: Dt's sampling starts from the key frame "
+        "repeated over every frame, noised to this fraction of the schedule (SDEdit), rather than from pure "
+        "noise (1)")
     jump_penalty: float = Field(
         0.0, ge=0.0, description="temporal, with candidates > 1: a candidate's score loses this weight times its "
         "largest jump, log(largest / median change between consecutive frames), so a video whose object "
@@ -216,6 +225,9 @@ def _toy() -> CascadeConfig:
         # videos per prompt, CLIPSIM less 0.3 x the largest jump: on the session-17 demo's weights, 16 x 2 at
         # the base stage, faithfulness / consistency / motion share 0.77 / 0.73 / 0.91 sampled plainly; of 4,
         # 0.80 / 0.75 / 0.91 ranked by CLIPSIM alone, 0.84 / 0.83 / 0.91 with the penalty (0.2-0.5 alike).
+        # keyframe stays "none": on the session-23 demo's weights (base stage, 16 x 2) D's middle frame held in
+        # Dt's video read 0.69 / 0.67 / 0.91 against 0.62 / 0.72 / 0.78, and every frame started from it at
+        # strength 0.8 read 0.78 / 0.81 / 0.56 (the pans stop): shape bought with motion. docs/QUALITY.md.
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler, candidates=4,
                            jump_penalty=0.3),
         interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}),

@@ -111,7 +111,7 @@ def load_cascade(cfg: Any, weights: str = "mlflow", tracking_uri: str | None = N
     from training.registry import stage_versions
 
     cascade_cfg: CascadeConfig = getattr(cfg, "cascade", cfg)
-    stages = list(stages_needed(use, stop_at))
+    stages = list(stages_needed(use, stop_at, cascade_cfg))
     if cascade_cfg.clip.weights_path is None:
         stages.insert(0, "clip")
     uri = resolve_tracking_uri(cfg, tracking_uri) if weights == "mlflow" else None

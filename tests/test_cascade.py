@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from model.cascade import (STAGE_ORDER, animate_image, build_cascade, frame_jumps, frame_similarity,
-                           interpolate_images, sample_masked, sample_prior,
+from model.cascade import (STAGE_ORDER, _sample_stage, animate_image, build_cascade, frame_jumps, frame_similarity,
+                           interpolate_images, keyframe_index, sample_masked, sample_prior,
                            sample_temporal, text_embedding,
                            stage_network, stage_seed, stages_needed, super_resolve_high, super_resolve_low,
                            text_to_video, to_base, vary_video, video_embedding)
@@ -178,6 +178,42 @@ def test_stages_needed_per_use():
     assert stage_network("interpolate", "temporal") == "interpolation" and stage_network("vary", "prior") == "clip"
     with pytest.raises(ValueError, match="use"):
         stages_needed("edit")
+
+
+def test_keyframe_is_the_decoders_image_held_in_dts_video(cascade):
+    """`temporal.keyframe`: D draws one frame per row from the same embedding (the draw D makes of an image
+    with that generator), Dt's video holds it exactly at the key index and samples the other frames around
+    it; the loader then needs D as well as Dt."""
+    torch.manual_seed(0)
+    cascade = build_cascade(cascade.cfg, stages=("decoder", "temporal"))
+    emb = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    plain = sample_temporal(cascade, emb, 8, torch.Generator().manual_seed(5))
+    s = cascade.cfg.shape
+    for keyframe, index in (("first", 0), ("middle", (s.frames - 1) // 2)):
+        cfg = cascade.cfg.model_copy(deep=True)
+        cfg.temporal.keyframe = keyframe
+        video = sample_temporal(dataclasses.replace(cascade, cfg=cfg), emb, 8, torch.Generator().manual_seed(5))
+        image = _sample_stage(cascade, "decoder", (2, s.channels, s.base_size, s.base_size), {"cond_emb": emb},
+                              torch.Generator().manual_seed(5), None)
+        assert keyframe_index(keyframe, s.frames) == index
+        assert video.shape == plain.shape and torch.equal(video[:, :, index], image)
+        assert not torch.equal(video[:, :, index], plain[:, :, index])
+        others = [i for i in range(s.frames) if i != index]
+        assert not torch.allclose(video[:, :, others], video[:, :, [index]].expand_as(video[:, :, others]))
+        assert stages_needed("text", "temporal", cfg) == ("decoder", "prior", "temporal")
+        assert stages_needed("vary", "temporal", cfg) == ("decoder", "temporal")
+        assert stages_needed("animate", None, cfg) == ("interpolation", "sr_low", "sr_high")  # F, not Dt
+        assert stages_needed("text", "prior", cfg) == ("prior",)
+    assert keyframe_index("none", s.frames) is None and stages_needed("text", "temporal", cascade.cfg) == (
+        "prior", "temporal")
+    # keyframe_strength < 1: every frame starts from the key frame, noised (SDEdit); near 0 they stay it.
+    spread = {}
+    for strength in (1.0, 0.05):
+        cfg.temporal.keyframe_strength = strength
+        video = sample_temporal(dataclasses.replace(cascade, cfg=cfg), emb, 8, torch.Generator().manual_seed(5))
+        assert torch.equal(video[:, :, index], image)
+        spread[strength] = (video - image[:, :, None]).abs().mean().item()
+    assert spread[0.05] < 0.25 * spread[1.0]
 
 
 def test_stage_seeds_are_stable_and_distinct():
