@@ -133,7 +133,8 @@ def build_cascade(cfg: CascadeConfig, state_dicts: Mapping[str, Mapping[str, tor
                   precision: Precision | None = None, sr_high_chunk: int = 8) -> Cascade:
     """Build CLIP and the networks of `stages` (default: what text-to-video runs). A stage whose weights are
     missing or None keeps its random initialisation: for tests and benchmarks only;
-    pipelines.generate.load_cascade requires every weight. CLIP loads `state_dicts["clip"]`, else `cfg.clip.weights_path`, else stays random."""
+    pipelines.generate.load_cascade requires every weight. CLIP loads `state_dicts["clip"]`, else
+    `cfg.clip.weights_path`, else stays random."""
     state_dicts = dict(state_dicts or {})
     device = torch.device(device)
     clip, _, tokenizer = build_clip(cfg.clip, device=device)
