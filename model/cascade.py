@@ -302,8 +302,7 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
     image = _sample_stage(cascade, "decoder", (b, c, h, w), {"cond_emb": emb}, generator, None)  # (B, C, H, W)
     video = image.new_zeros(shape)
     video[:, :, index] = image
-    known = torch.zeros(f, dtype=torch.bool, device=image.device)
-    known[index] = True
+    known = mask_from_indices([index], f).to(image.device)
     hooks = {"x_known": video, "mask": known[None, None, :, None, None]}
     strength = cascade.cfg.temporal.keyframe_strength
     if strength < 1.0:
