@@ -293,6 +293,7 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
                    ) -> dict[str, torch.Tensor]:
     """With `temporal.keyframe` set: the image decoder D draws one frame per row of `emb` (B, D) and the
     sampler hooks (`x_known`, `mask`) that hold it at its index of Dt's video `shape` (B, C, F, H, W), with
+    `temporal.keyframe_guidance` > 0 reconstruction guidance toward it (`known_guidance`), with
     `temporal.keyframe_strength` < 1 also the start from it repeated over the frames (SDEdit's `x_init`,
     `strength`); {} without. D samples with its own sampler settings, as it does for an image."""
     index = keyframe_index(cascade.cfg.temporal.keyframe, shape[2])
@@ -304,6 +305,8 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
     video[:, :, index] = image
     known = mask_from_indices([index], f).to(image.device)
     hooks = {"x_known": video, "mask": known[None, None, :, None, None]}
+    if cascade.cfg.temporal.keyframe_guidance:
+        hooks["known_guidance"] = cascade.cfg.temporal.keyframe_guidance
     strength = cascade.cfg.temporal.keyframe_strength
     if strength < 1.0:
         hooks.update(x_init=image[:, :, None].expand(shape), strength=strength)

@@ -135,6 +135,11 @@ class UNetStage(ConfigBase):
         1.0, gt=0.0, le=1.0, description="temporal, with a keyframe: Dt's sampling starts from the key frame "
         "repeated over every frame, noised to this fraction of the schedule (SDEdit), rather than from pure "
         "noise (1)")
+    keyframe_guidance: float = Field(
+        0.0, ge=0.0, description="temporal, with a keyframe: reconstruction guidance weight (Ho et al. 2022): every "
+        "step also moves Dt's other frames toward what makes its own estimate of the key frame right, so they keep "
+        "the key frame's object rather than only sitting beside it; one backward pass through Dt per step. 0: the "
+        "key frame is held by replacement alone")
     jump_penalty: float = Field(
         0.0, ge=0.0, description="temporal, with candidates > 1: a candidate's score loses this weight times its "
         "largest jump, log(largest / median change between consecutive frames), so a video whose object "

@@ -2,7 +2,8 @@
 
 Every sampler has the signature
     sample_X(model, schedule, shape_or_x_T, steps, model_kwargs=None, prediction="eps", generator=None,
-             callback=None, progress=False, x_known=None, mask=None, denoised_fn=None, device="cpu", ...)
+             callback=None, progress=False, x_known=None, mask=None, denoised_fn=None, known_guidance=0.0,
+             device="cpu", ...)
 and returns the clean sample x0, shaped like x_T. `model(x_t, t, **model_kwargs)` gets t as a LongTensor
 (B,) of timestep indices (the convention of `model.diffusion`). For classifier-free guidance pass
 `cfg_model(...)` as the model (or use `sample`, which does it from a SamplerConfig).
@@ -18,6 +19,11 @@ Hooks, shared by all samplers, applied to the clean-data estimate x0 of every st
   stay exactly `a*x_known + s*noise` along the trajectory and the final sample holds them exactly. The
   starting x_T gets the same treatment. This is how the interpolation stage keeps its given frames
   (mask over the frame axis of (B, C, F, H, W)) and image animation holds the first frame.
+- `known_guidance` w > 0 (with `x_known`, `mask`): reconstruction guidance (Ho et al. 2022, "Video Diffusion
+  Models", sec. 3.1): the unknown entries of x0 become x0 - (w * a_t / 2) * grad_{x_t} ||x_known - x0||^2
+  over the known entries, so they move toward what makes the network's own estimate of the known ones right,
+  not only sit beside them (replacement alone leaves them free to ignore the known frames). One backward pass
+  through the model per step; 0 (the default) is replacement alone.
 - `callback(step, t, x, x0)` after every step, with x the new state and x0 this step's estimate.
 - `x_init`, `strength`: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with
   Stochastic Differential Equations"): the steps span the lowest round(strength*T) indices and the start
@@ -64,12 +70,15 @@ class _Denoiser:
     """One network evaluation turned into (x0, eps) estimates, with the hooks of the module docstring."""
 
     def __init__(self, model: Model, schedule: Schedule, model_kwargs: Mapping | None, prediction: Prediction,
-                 x_known: torch.Tensor | None, mask: torch.Tensor | None, denoised_fn: DenoisedFn | None):
+                 x_known: torch.Tensor | None, mask: torch.Tensor | None, denoised_fn: DenoisedFn | None,
+                 known_guidance: float = 0.0):
         if (x_known is None) != (mask is None):
             raise ValueError("x_known and mask go together: pass both or neither")
+        if known_guidance < 0 or (known_guidance and x_known is None):
+            raise ValueError(f"known_guidance must be >= 0 and needs x_known and mask, got {known_guidance}")
         self.model, self.schedule, self.prediction = model, schedule, prediction
         self.kwargs = dict(model_kwargs or {})
-        self.x_known, self.denoised_fn = x_known, denoised_fn
+        self.x_known, self.denoised_fn, self.guidance = x_known, denoised_fn, float(known_guidance)
         self.known = None if mask is None else mask.to(torch.bool)
 
     def start(self, noise: torch.Tensor, t: int, x_init: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,10 +94,12 @@ class _Denoiser:
     def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, s = self.schedule.alpha_sigma_at(t)
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-        out = self.model(x, t_batch, **self.kwargs).to(x.dtype)
-        if out.shape != x.shape:
-            raise ValueError(f"model output {tuple(out.shape)} does not match x {tuple(x.shape)}")
-        x0 = output_to_x0(self.prediction, out, x, a, s)
+        if self.guidance:
+            x0 = self._guided_x0(x, t_batch, a, s)
+        else:
+            out = self.model(x, t_batch, **self.kwargs).to(x.dtype)
+            self._check(out, x)
+            x0 = output_to_x0(self.prediction, out, x, a, s)
         if self.denoised_fn is None and self.known is None:
             return x0, output_to_eps(self.prediction, out, x, a, s)
         if self.denoised_fn is not None:
@@ -96,6 +107,23 @@ class _Denoiser:
         if self.known is not None:
             x0 = torch.where(self.known.to(x0.device), self.x_known.to(x0), x0)
         return x0, eps_from_x0(x0, x, a, s)
+
+    @staticmethod
+    def _check(out: torch.Tensor, x: torch.Tensor) -> None:
+        if out.shape != x.shape:
+            raise ValueError(f"model output {tuple(out.shape)} does not match x {tuple(x.shape)}")
+
+    def _guided_x0(self, x: torch.Tensor, t_batch: torch.Tensor, a: float, s: float) -> torch.Tensor:
+        """x0 with reconstruction guidance on its unknown entries (see the module docstring)."""
+        known = self.known.to(x.device)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = self.model(xg, t_batch, **self.kwargs).to(x.dtype)
+            self._check(out, x)
+            x0 = output_to_x0(self.prediction, out, xg, a, s)
+            error = ((x0 - self.x_known.to(x0)) ** 2 * known).sum()
+            grad, = torch.autograd.grad(error, xg)
+        return torch.where(known, x0.detach(), x0.detach() - (self.guidance * a / 2) * grad)
 
 
 def _initial_noise(shape_or_x_T: Sequence[int] | torch.Tensor, generator: torch.Generator | None,
@@ -128,8 +156,8 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 model_kwargs: Mapping | None = None, prediction: Prediction = "eps",
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
+                denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
                 x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 "Denoising Diffusion Probabilistic Models", Algorithm 2.
 
@@ -137,7 +165,7 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
     sqrt(ab_s) b/(1-ab_t) x0_hat + sqrt(1-b) (1-ab_s)/(1-ab_t) x_t and the "fixed small" variance
     b (1-ab_s)/(1-ab_t), where b = 1 - ab_t/ab_s (for steps == T, b is the schedule's beta_t).
     With steps < T this is the respaced DDPM of Nichol & Dhariwal 2021. The last step returns the mean."""
-    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
+    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance)
     ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
@@ -158,16 +186,16 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 model_kwargs: Mapping | None = None, prediction: Prediction = "eps",
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, eta: float = 0.0, frame_share: float = 0.0,
-                x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, eta: float = 0.0,
+                frame_share: float = 0.0, x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Song, Meng & Ermon 2021 "Denoising Diffusion Implicit Models", eq. 12 with sigma from eq. 16:
 
     x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1-ab_s)/(1-ab_t)) sqrt(1 - ab_t/ab_s).
     eta = 0 is the deterministic DDIM (a first-order solver of the probability-flow ODE); eta = 1 matches
     the DDPM posterior."""
-    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
+    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance)
     ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
@@ -187,8 +215,8 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
                     model_kwargs: Mapping | None = None, prediction: Prediction = "eps",
                     generator: torch.Generator | None = None, callback: Callback | None = None,
                     progress: bool = False, x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                    denoised_fn: DenoisedFn | None = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
+                    denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
                     x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", Algorithm 2: a second-order multistep solver of the probability-flow ODE in
@@ -197,7 +225,7 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
     x_s = (s_s/s_t) x_t - a_s (exp(-h) - 1) D,  D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_prev,
     r = h_prev / h; the first step uses D = x0_hat_t (DPM-Solver++(1) = DDIM). As in k-diffusion, the
     final step to the clean data (s = 0) returns x0_hat. Deterministic given x_T."""
-    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn)
+    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance)
     ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     x0_prev, h_prev = None, None
     for i, t in enumerate(_progress(ts, progress)):

@@ -214,6 +214,23 @@ def test_keyframe_is_the_decoders_image_held_in_dts_video(cascade):
         assert torch.equal(video[:, :, index], image)
         spread[strength] = (video - image[:, :, None]).abs().mean().item()
     assert spread[0.05] < 0.25 * spread[1.0]
+    # keyframe_guidance > 0: reconstruction guidance pulls the other frames through Dt's temporal layers -
+    # none while they are the identity (frames independent), some once they mix frames; the key frame stays.
+    cfg.temporal.keyframe_strength = 1.0
+    guided_cfg = cfg.model_copy(deep=True)
+    guided_cfg.temporal.keyframe_guidance = 5.0
+    for mixing in (False, True):
+        if mixing:
+            with torch.no_grad():
+                for name, p in cascade.net("temporal").named_parameters():
+                    if ".temporal." in name:
+                        p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        runs = [sample_temporal(dataclasses.replace(cascade, cfg=c), emb, 8, torch.Generator().manual_seed(5))
+                for c in (cfg, guided_cfg)]
+        assert torch.equal(runs[1][:, :, index], image)
+        assert torch.allclose(runs[0], runs[1], atol=1e-5) is not mixing
+    with pytest.raises(ValueError, match="keyframe_guidance"):
+        type(cfg.temporal).model_validate({**cfg.temporal.model_dump(), "keyframe_guidance": -1.0})
 
 
 def test_stage_seeds_are_stable_and_distinct():
