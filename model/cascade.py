@@ -304,9 +304,8 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
     video = image.new_zeros(shape)
     video[:, :, index] = image
     known = mask_from_indices([index], f).to(image.device)
-    hooks = {"x_known": video, "mask": known[None, None, :, None, None]}
-    if cascade.cfg.temporal.keyframe_guidance:
-        hooks["known_guidance"] = cascade.cfg.temporal.keyframe_guidance
+    hooks = {"x_known": video, "mask": known[None, None, :, None, None],
+             "known_guidance": cascade.cfg.temporal.keyframe_guidance}
     strength = cascade.cfg.temporal.keyframe_strength
     if strength < 1.0:
         hooks.update(x_init=image[:, :, None].expand(shape), strength=strength)

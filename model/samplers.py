@@ -33,6 +33,7 @@ Hooks, shared by all samplers, applied to the clean-data estimate x0 of every st
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -94,12 +95,7 @@ class _Denoiser:
     def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, s = self.schedule.alpha_sigma_at(t)
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-        if self.guidance:
-            x0 = self._guided_x0(x, t_batch, a, s)
-        else:
-            out = self.model(x, t_batch, **self.kwargs).to(x.dtype)
-            self._check(out, x)
-            x0 = output_to_x0(self.prediction, out, x, a, s)
+        out, x0 = self._estimate(x, t_batch, a, s)
         if self.denoised_fn is None and self.known is None:
             return x0, output_to_eps(self.prediction, out, x, a, s)
         if self.denoised_fn is not None:
@@ -108,22 +104,21 @@ class _Denoiser:
             x0 = torch.where(self.known.to(x0.device), self.x_known.to(x0), x0)
         return x0, eps_from_x0(x0, x, a, s)
 
-    @staticmethod
-    def _check(out: torch.Tensor, x: torch.Tensor) -> None:
-        if out.shape != x.shape:
-            raise ValueError(f"model output {tuple(out.shape)} does not match x {tuple(x.shape)}")
-
-    def _guided_x0(self, x: torch.Tensor, t_batch: torch.Tensor, a: float, s: float) -> torch.Tensor:
-        """x0 with reconstruction guidance on its unknown entries (see the module docstring)."""
-        known = self.known.to(x.device)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            out = self.model(xg, t_batch, **self.kwargs).to(x.dtype)
-            self._check(out, x)
-            x0 = output_to_x0(self.prediction, out, xg, a, s)
-            error = ((x0 - self.x_known.to(x0)) ** 2 * known).sum()
-            grad, = torch.autograd.grad(error, xg)
-        return torch.where(known, x0.detach(), x0.detach() - (self.guidance * a / 2) * grad)
+    def _estimate(self, x: torch.Tensor, t_batch: torch.Tensor, a: float, s: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(network output, x0 estimate); with `known_guidance`, x0 moved by reconstruction guidance (its known
+        entries are replaced by the caller afterwards, so the step applies everywhere)."""
+        with torch.enable_grad() if self.guidance else contextlib.nullcontext():
+            x_in = x.detach().requires_grad_(True) if self.guidance else x
+            out = self.model(x_in, t_batch, **self.kwargs).to(x.dtype)
+            if out.shape != x.shape:
+                raise ValueError(f"model output {tuple(out.shape)} does not match x {tuple(x.shape)}")
+            x0 = output_to_x0(self.prediction, out, x_in, a, s)
+            if not self.guidance:
+                return out, x0
+            error = ((x0 - self.x_known.to(x0)) ** 2 * self.known.to(x0)).sum()
+            grad, = torch.autograd.grad(error, x_in)
+        return out.detach(), x0.detach() - (self.guidance * a / 2) * grad
 
 
 def _initial_noise(shape_or_x_T: Sequence[int] | torch.Tensor, generator: torch.Generator | None,
