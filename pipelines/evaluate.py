@@ -127,11 +127,17 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
     return min(palette, key=lambda name: float(np.sum((np.asarray(palette[name], float) - rgb) ** 2)))
 
 
-def _object_region(frame: np.ndarray, cfg: EvalConfig):
-    """(background rgb, soft coverage weights (H, W), binary mask of the object) or a None mask."""
+def _object_region(frame: np.ndarray, cfg: EvalConfig, ignore: np.ndarray | None = None):
+    """(background rgb, soft coverage weights (H, W), binary mask of the object) or a None mask. Pixels in
+    `ignore` (H, W) bool (an overlay such as the watermark's label) are neither background nor object."""
     border = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]])
+    if ignore is not None:
+        shown = ~np.concatenate([ignore[0], ignore[-1], ignore[:, 0], ignore[:, -1]])
+        border = border[shown] if shown.any() else border
     background = np.median(border, axis=0)
     dist = np.linalg.norm(frame - background, axis=-1)  # (H, W)
+    if ignore is not None:
+        dist[ignore] = 0.0
     peak = np.percentile(dist, 99.5)
     if peak < cfg.min_contrast:
         return background, None, None
@@ -175,12 +181,14 @@ def shape_templates(side: int) -> tuple[tuple[str, np.ndarray, float], ...]:
     return tuple(templates)
 
 
-def detect_object(frame: np.ndarray, cfg: EvalConfig | None = None) -> FrameObject:
-    """Find the world object in one (H, W, 3) frame with values in [0, 255]."""
+def detect_object(frame: np.ndarray, cfg: EvalConfig | None = None, ignore: np.ndarray | None = None
+                  ) -> FrameObject:
+    """Find the world object in one (H, W, 3) frame with values in [0, 255], not reading the pixels in
+    `ignore` ((H, W) bool, e.g. `watermark_mask`): an object under an overlay is read from what shows."""
     cfg = cfg or EvalConfig()
     frame = frame.astype(np.float32)
     h, w, _ = frame.shape
-    background, weights, mask = _object_region(frame, cfg)
+    background, weights, mask = _object_region(frame, cfg, ignore)
     bg = tuple(float(c) for c in background)
     if mask is None:
         return FrameObject(found=False, background_rgb=bg)
@@ -252,13 +260,14 @@ def _consistency(objects: Sequence[FrameObject], cfg: EvalConfig) -> float:
     return _share(same)
 
 
-def _camera(frames: np.ndarray, objects: Sequence[FrameObject], cfg: EvalConfig) -> np.ndarray:
+def _camera(frames: np.ndarray, objects: Sequence[FrameObject], cfg: EvalConfig,
+            ignore: np.ndarray | None = None) -> np.ndarray:
     """(F, 2) cumulative background content displacement, fractions of the side (x, y)."""
     h, w = frames.shape[1:3]
     ys, xs = np.mgrid[0:h, 0:w]
     path = np.zeros((len(frames), 2))
     for i in range(1, len(frames)):
-        exclude = np.zeros((h, w), bool)
+        exclude = np.zeros((h, w), bool) if ignore is None else ignore.copy()
         for o in (objects[i - 1], objects[i]):
             if o.found:  # a disc around the object, generous enough to cover its rim and blur
                 radius = 1.5 * math.sqrt(o.area * h * w) + 3
@@ -268,11 +277,12 @@ def _camera(frames: np.ndarray, objects: Sequence[FrameObject], cfg: EvalConfig)
     return path
 
 
-def _motion(frames: np.ndarray, objects: Sequence[FrameObject], prompt: Prompt, cfg: EvalConfig) -> dict:
+def _motion(frames: np.ndarray, objects: Sequence[FrameObject], prompt: Prompt, cfg: EvalConfig,
+            ignore: np.ndarray | None = None) -> dict:
     """Extent and smoothness of the trajectory (cx, cy, sqrt(area), camera x, camera y) over the frames
     where the object was found, and whether it moves as the prompt says."""
     found = [i for i, o in enumerate(objects) if o.found]
-    camera = _camera(frames, objects, cfg)
+    camera = _camera(frames, objects, cfg, ignore)
     if len(found) < 2:
         return {"motion_amount": 0.0, "moving": False, "motion_smoothness": 0.0, "motion_ok": False,
                 "motion_match": None if prompt.motion is None else False}
@@ -338,14 +348,17 @@ def _frame_quality(frame: np.ndarray, obj: FrameObject, prompt: Prompt, cfg: Eva
     return ratio, bg_error / (255 * math.sqrt(3)), sharp * bg_score
 
 
-def evaluate_video(video, prompt: str, cfg: EvalConfig | None = None) -> dict:
+def evaluate_video(video, prompt: str, cfg: EvalConfig | None = None, ignore: np.ndarray | None = None) -> dict:
     """Score one video (any layout `as_frames` reads) against its prompt. Shares are in [0, 1]; a frame
     matches the prompt on what the prompt names (a prompt without a shape is matched on colour alone);
-    None where the prompt says nothing to check (motion_match of an image caption)."""
+    None where the prompt says nothing to check (motion_match of an image caption). `ignore` (H, W) bool:
+    pixels of an overlay (the watermark) that the object and camera reads leave out."""
     cfg = cfg or EvalConfig()
     frames = as_frames(video)
+    if ignore is not None and ignore.shape != frames.shape[1:3]:
+        raise ValueError(f"ignore mask {ignore.shape} does not match the frames' {frames.shape[1:3]}")
     parsed = parse_prompt(prompt)
-    objects = [detect_object(f, cfg) for f in frames]
+    objects = [detect_object(f, cfg, ignore) for f in frames]
     shape_ok = [o.found and (parsed.shape is None or o.shape == parsed.shape) for o in objects]
     colour_ok = [o.found and (parsed.colour is None or o.colour == parsed.colour) for o in objects]
     bg_ok = [parsed.background in (None, _nearest(np.asarray(o.background_rgb), BACKGROUNDS)) for o in objects]
@@ -356,20 +369,26 @@ def evaluate_video(video, prompt: str, cfg: EvalConfig | None = None) -> dict:
             "background_accuracy": _share(bg_ok),
             "prompt_faithfulness": _share([s and c for s, c in zip(shape_ok, colour_ok)]),
             "temporal_consistency": _consistency(objects, cfg),
-            **_motion(frames, objects, parsed, cfg),
+            **_motion(frames, objects, parsed, cfg, ignore),
             "sharpness_ratio": float(np.median(quality[:, 0])),
             "background_error": float(quality[:, 1].mean()), "frame_quality": float(quality[:, 2].mean())}
 
 
-def read_back(path: str, prompt: str, cfg: EvalConfig | None = None) -> dict:
-    """What a viewer gets from a video file (codec and watermark included): its frames decoded (decord) and
-    scored against the prompt. {"frames", "faithful_frames" (shape and colour as the prompt says),
-    "shape_frames", "colour_frames", "temporal_consistency"}."""
+def read_back(path: str, prompt: str, cfg: EvalConfig | None = None, watermark=None) -> dict:
+    """What a viewer gets from a video file (codec included): its frames decoded (decord) and scored against
+    the prompt. `watermark` (a WatermarkConfig): the mark the file carries; its label's pixels are not read as
+    the scene, so an object partly under it is read from what shows (with the label read, its dark box joins
+    the object and a circle there reads as a triangle). {"frames", "faithful_frames" (shape and colour as the
+    prompt says), "shape_frames", "colour_frames", "temporal_consistency"}."""
     import decord
 
     reader = decord.VideoReader(str(path))
     frames = reader.get_batch(list(range(len(reader)))).asnumpy()  # (F, H, W, 3) uint8
-    score = evaluate_video(frames, prompt, cfg)
+    ignore = None
+    if watermark is not None and watermark.enabled:
+        from pipelines.watermark import watermark_mask
+        ignore = watermark_mask(frames.shape[1:3], watermark)
+    score = evaluate_video(frames, prompt, cfg, ignore)
     n = score["n_frames"]
     counts = {f"{key}_frames": round(score[share] * n) for key, share in
               (("faithful", "prompt_faithfulness"), ("shape", "shape_accuracy"), ("colour", "colour_accuracy"))}

@@ -13,9 +13,10 @@ from pipelines.evaluate import (EvalConfig, Prompt, as_frames, background_shift,
                                 evaluate_videos, parse_prompt, read_back)
 from pipelines.flows.evaluate import viewing_size
 from pipelines.generate import write_outputs
-from pipelines.watermark import WatermarkConfig
+from pipelines.watermark import WatermarkConfig, watermark_mask
 from pipelines.world import generate_world, world_preset
-from pipelines.world.config import COLOURS
+from pipelines.world.config import BACKGROUNDS, COLOURS
+from pipelines.world.shapes import render
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,33 @@ def test_a_delivered_video_is_read_back_as_a_viewer_gets_it(world, tmp_path):
     assert seen["faithful_frames"] >= 0.9 * seen["frames"] and seen["temporal_consistency"] >= 0.9, seen
     assert seen["shape_frames"] >= seen["faithful_frames"] and seen["colour_frames"] >= seen["faithful_frames"]
     assert read_back(str(paths["mp4"]), other)["faithful_frames"] <= 0.05 * seen["frames"]
+
+
+def test_an_object_under_the_watermark_label_is_read_from_what_shows(tmp_path):
+    """A large red circle low on the right runs under the watermark's dark label at 128 px (session 25's
+    demo video): read with the label, the box joins the circle and the whole reads as another shape; told
+    which mark the file carries, `read_back` leaves the label's pixels out and reads a circle in every frame."""
+    side, background = 128, BACKGROUNDS["blue"]
+    frames = np.stack([render(side, background, "circle", COLOURS["red"], 0.70 * side + 0.3 * i, 0.76 * side, 28)
+                       for i in range(16)])
+    mark = WatermarkConfig()
+    assert (watermark_mask((side, side), mark) & (np.abs(frames[0].astype(int) - background).sum(-1) > 60)).any()
+    paths = write_outputs(frames, tmp_path, "low", 8.0, mark, {})
+    prompt = "a large red circle on a blue background"
+    blind = read_back(str(paths["mp4"]), prompt)
+    seen = read_back(str(paths["mp4"]), prompt, watermark=mark)
+    assert blind["shape_frames"] <= 0.5 * blind["frames"], blind  # what the label does to an unaware read
+    assert seen["faithful_frames"] == seen["frames"] == 16 and seen["temporal_consistency"] == 1.0, seen
+    # Off-prompt stays off-prompt, and a disabled mark leaves nothing out.
+    assert read_back(str(paths["mp4"]), "a large green square on a blue background", watermark=mark)[
+        "faithful_frames"] == 0
+    assert read_back(str(paths["mp4"]), prompt, watermark=WatermarkConfig(enabled=False)) == blind
+
+
+def test_an_ignore_mask_of_another_size_is_refused():
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="ignore mask"):
+        evaluate_video(frames, "a red circle", ignore=np.zeros((16, 16), bool))
 
 
 def test_every_pixel_layout_gives_the_same_scores(world):

@@ -22,6 +22,7 @@ from pipelines.flows.train import train_cascade
 from pipelines.flows.videos import build_video_dataset
 from pipelines.generate import generate
 from pipelines.manifest import format_counts, hash_settings
+from pipelines.watermark import WatermarkConfig
 from training.lineage import describe, video_lineage
 from training.registry import stage_versions
 from training.tracking import default_tracking_uri
@@ -121,9 +122,12 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
         {kind: str(path) for kind, path in r["files"].items()}
         for r in generate(cfg, list(DEMO_PROMPTS), root / "videos", tracking_uri=tracking_uri, seed=0)])
     print(f"videos {'reused from' if reused else 'written to'} {root / 'videos'}")
-    # Does each delivered video show its prompt? The evaluator reads the mp4 as a viewer gets it.
+    # Does each delivered video show its prompt? The evaluator reads the mp4 as a viewer gets it, less the
+    # watermark's label (its sidecar says which mark the file carries).
     for files, prompt in zip(videos_out, DEMO_PROMPTS):
-        files["read_back"] = read_back(files["mp4"], prompt)
+        mark = json.loads(Path(files["json"]).read_text()).get("watermark", {})
+        files["read_back"] = read_back(files["mp4"], prompt,
+                                       watermark=WatermarkConfig(**mark) if mark.get("enabled") else None)
     timings["generate"] = time.perf_counter() - t0
     results["videos_out"] = videos_out
     t0 = time.perf_counter()
