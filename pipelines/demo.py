@@ -33,7 +33,8 @@ def run_demo(cfg: PipelineConfig, out: Path) -> int:
     for files in results["videos_out"]:
         seen = files["read_back"]
         print(f"  video           {files.get('mp4')}  (+ .gif, .grid.png, .json sidecar; watermarked; the evaluator, "
-              f"leaving out the label, reads the prompt's shape and colour in {seen['faithful_frames']} of {seen['frames']} frames)")
+              f"leaving out the label, reads the prompt's shape and colour in {seen['faithful_frames']} of "
+              f"{seen['frames']} frames)")
     lineage = results["lineage"]
     print(f"  lineage         {describe(lineage)}")
     ev = results["evaluation"]

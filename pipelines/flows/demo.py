@@ -127,7 +127,7 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
     for files, prompt in zip(videos_out, DEMO_PROMPTS):
         mark = json.loads(Path(files["json"]).read_text()).get("watermark", {})
         files["read_back"] = read_back(files["mp4"], prompt,
-                                       watermark=WatermarkConfig(**mark) if mark.get("enabled") else None)
+                                       watermark=WatermarkConfig(**mark) if mark else None)
     timings["generate"] = time.perf_counter() - t0
     results["videos_out"] = videos_out
     t0 = time.perf_counter()
