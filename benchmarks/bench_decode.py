@@ -78,7 +78,8 @@ def bench(path: str, n_clips: int, height: int, width: int) -> list[dict]:
             seconds = time.perf_counter() - start
             row[f"{name}_s"] = round(seconds, 4)
             row[f"{name}_frames_per_s"] = round(row["frames"] / seconds, 1)
-        diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() for a, b in zip(outputs["decord"], outputs["pyav"])]
+        diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
+                 for a, b in zip(outputs["decord"], outputs["pyav"])]
         row["mean_abs_pixel_diff"] = round(float(np.mean(diffs)), 3)
         row["decord_over_pyav"] = round(row["decord_frames_per_s"] / row["pyav_frames_per_s"], 2)
         rows.append(row)

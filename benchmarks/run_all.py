@@ -45,8 +45,8 @@ def _rows(name: str, data: dict) -> list[str]:
     if name == "pseudo3d":
         return [f"| {r['layer']} | {r['flops_ratio']:.1f}x | {r['time_ratio']:.1f}x |" for r in data.get("layers", [])]
     if name == "decode":
-        return [f"| {r['fps']} fps | {r['decord_frames_per_s']} | {r['pyav_frames_per_s']} | {r['decord_over_pyav']:.2f}x |"
-                for r in data.get("rows", [])]
+        return [f"| {r['fps']} fps | {r['decord_frames_per_s']} | {r['pyav_frames_per_s']} | "
+                f"{r['decord_over_pyav']:.2f}x |" for r in data.get("rows", [])]
     if name == "images":
         b, f = data["bare_img2dataset"], data["flow"]
         return [f"| bare img2dataset | {b['images_per_s']} | {b['cpu_s_per_image']} |",
@@ -56,7 +56,8 @@ def _rows(name: str, data: dict) -> list[str]:
                 f"{data['flow_over_bare_cpu_per_image']:.2f}x CPU per image |"]
     if name == "train":
         r, p = data["ray_train"], data["plain_pytorch"]
-        return [f"| plain PyTorch loop | {p['samples_per_s']} |", f"| Ray Train (TorchTrainer) | {r['samples_per_s']} |",
+        return [f"| plain PyTorch loop | {p['samples_per_s']} |",
+                f"| Ray Train (TorchTrainer) | {r['samples_per_s']} |",
                 f"| ratio Ray/plain ({data['workers']} worker, {data['steps']} steps, batch {data['global_batch']}) | "
                 f"{data['ray_over_plain_samples_per_s']:.3f} |"]
     if name == "sampling":
@@ -78,7 +79,8 @@ HEADERS = {
     "train": "| run | samples/s |\n|---|---:|",
     "sampling": "| preset | stage | steps | seconds | peak memory (MB) | output shape |\n|---|---|---:|---:|---:|---|",
     "images": "| run | images/s | CPU-s per image |\n|---|---:|---:|",
-    "pseudo3d": "| layer (paper decoder size, 16 frames) | FLOPs full/factorised | CPU time full/factorised |\n|---|---:|---:|",
+    "pseudo3d": "| layer (paper decoder size, 16 frames) | FLOPs full/factorised | CPU time full/factorised |"
+                "\n|---|---:|---:|",
     "data": "| embeddings tables kept | ms per batch |\n|---|---:|",
     "decode": "| target fps | decord frames/s | PyAV frames/s | decord/PyAV |\n|---|---:|---:|---:|",
 }

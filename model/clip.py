@@ -87,8 +87,8 @@ def build_clip(cfg: ClipConfig, device: torch.device | str = "cpu"
     """(model, preprocess, tokenizer) for `cfg.model_name` from open_clip's registry (`cfg.custom`, if set,
     is registered under that name first). The config's image size and context length override the
     registry's. With `cfg.weights_path` the weights are loaded from that local file; without it the model
-    is randomly initialised (the toy world trains it). The model comes back in eval mode. preprocess is open_clip's eval transform for PIL
-    images; for tensors use `encode_images`."""
+    is randomly initialised (the toy world trains it). The model comes back in eval mode. preprocess is
+    open_clip's eval transform for PIL images; for tensors use `encode_images`."""
     if cfg.custom is not None:
         register_clip_config(cfg.model_name, cfg.custom)
     arch = open_clip.get_model_config(cfg.model_name)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from model.checkpoint import load_weights
-from pipelines.images.filters import PixelFilterConfig  # noqa: F401 (re-exported: the config lives with the other filters)
+# re-exported: the config lives with the other filters
+from pipelines.images.filters import PixelFilterConfig  # noqa: F401
 from pipelines.manifest import sha256_file
 
 HEADS = ("nsfw", "watermark")

@@ -313,7 +313,8 @@ def test_jump_penalty_ranks_candidates_by_clipsim_less_their_largest_jump(cascad
         chosen = sample_temporal(dataclasses.replace(cascade, cfg=cfg), emb, 8, torch.Generator().manual_seed(5),
                                  target=target)
         best = (similarity - weight * jumps).view(len(prompts), k).argmax(dim=1)
-        torch.testing.assert_close(chosen, each.view(len(prompts), k, *each.shape[1:])[torch.arange(len(prompts)), best])
+        grouped = each.view(len(prompts), k, *each.shape[1:])
+        torch.testing.assert_close(chosen, grouped[torch.arange(len(prompts)), best])
     assert torch.equal(best, jumps.view(len(prompts), k).argmin(dim=1))  # w = 100: the evenest candidate
 
     def square_at(xs):  # (1, 3, F, 16, 16): a white 4x4 square at column x of frame f, on black

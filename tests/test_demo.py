@@ -24,7 +24,8 @@ def test_a_step_runs_once_per_inputs_and_again_when_they_change_or_it_was_killed
     assert calls == ["first"]
 
     retrained = {**inputs, "weights": {"temporal": {"version": 2, "run_id": "def"}}}
-    assert reuse_step(tmp_path / "eval", retrained, step("retrained")) == ({"made_by": "retrained", "score": 0.5}, False)
+    again = reuse_step(tmp_path / "eval", retrained, step("retrained"))
+    assert again == ({"made_by": "retrained", "score": 0.5}, False)
     assert json.loads((tmp_path / "eval" / "step.json").read_text())["inputs"] == retrained
 
     def killed():

@@ -94,7 +94,8 @@ def test_mixed_frame_noise_is_unit_per_frame_and_correlated_across_frames(share)
     other = noise[torch.arange(1, 65) % 64, :, 3].flatten()  # the same frame of other clips
     assert abs(torch.corrcoef(torch.stack([a, other]))[0, 1].item()) < 0.02
     # share 0 and images: the plain draw, so configs without the option reproduce earlier samples
-    assert torch.equal(randn_like(x, torch.Generator().manual_seed(0), 0.0), torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(randn_like(x, torch.Generator().manual_seed(0), 0.0),
+                       torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
     image = torch.empty(4, 3, 8, 8)
     assert torch.equal(randn_like(image, torch.Generator().manual_seed(0), share),
                        randn_like(image, torch.Generator().manual_seed(0)))

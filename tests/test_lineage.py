@@ -56,7 +56,8 @@ def test_a_url_whose_file_name_is_a_caption_is_text():
     """Real WebVid contentUrls end in their caption; the toy world's and YouTube's do not."""
     webvid = ("https://ak.picdn.net/shutterstock/videos/5641526/preview/"
               "stock-footage-horse-grazing-seperated-on-green-screen.mp4")
-    meta = {"url": webvid, "clips": [{"source_url": webvid}], "page_url": "http://127.0.0.1:8765/files/videos/1000002.mp4",
+    meta = {"url": webvid, "clips": [{"source_url": webvid}],
+            "page_url": "http://127.0.0.1:8765/files/videos/1000002.mp4",
             "contentUrl": "https://www.youtube.com/watch?v=dQw4w9WgXcQ", "video_url": "http://h/a-b.mp4"}
     assert list(text_fields(meta)) == ["url", "clips[0].source_url"]
     assert list(text_fields({"link_text": webvid})) == []  # only URL keys are read as URLs

@@ -492,7 +492,8 @@ def test_trainable_temporal_keeps_the_image_weights() -> None:
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     video = torch.randn(2, 3, cascade.shape.frames, cascade.shape.base_size, cascade.shape.base_size)
-    out = net(video, torch.tensor([10, 500]), cond_emb=torch.randn(2, cascade.clip.embed_dim), fps=torch.tensor([4.0, 8.0]))
+    out = net(video, torch.tensor([10, 500]), cond_emb=torch.randn(2, cascade.clip.embed_dim),
+              fps=torch.tensor([4.0, 8.0]))
     out.pow(2).mean().backward()
     optimizer.step()
     after = net.state_dict()

@@ -218,7 +218,8 @@ class ClipDataset(torch.utils.data.IterableDataset):
 
 
 def decode_sample(sample: dict[str, Any], n_frames: int, size: Size, rng: np.random.Generator,
-                  fps: float | None, schedule: FpsSchedule, progress: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  fps: float | None, schedule: FpsSchedule, progress: float
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One webdataset sample -> (frames (C, F, H, W), fps) or None (logged) when it cannot be used."""
     key = sample.get("__key__", "?")
     data = _video_bytes(sample)
