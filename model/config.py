@@ -234,8 +234,10 @@ def _toy() -> CascadeConfig:
         # on the session-23 demo's weights, 16 x 2 after sr_high, guidance 20 read 0.79 / 0.81 / 0.94 against
         # 0.62 / 0.77 / 0.88 with Dt drawing every frame and 0.70 / 0.76 / 0.94 with the key frame held by
         # replacement alone; on session 25's (a from-scratch demo of guidance 20: 0.85 / 0.85 / 1.00), guidance
-        # 40 read 0.87 / 0.88 / 1.00 with the same seeds. Starting every frame from the key frame
-        # (keyframe_strength 0.8) stops the pans instead. docs/QUALITY.md, sessions 23-25.
+        # 40 read 0.87 / 0.88 / 1.00 with the same seeds; on session 26's (a from-scratch demo of guidance 40:
+        # 0.71 / 0.78 / 1.00) 40 read no better than 20 at the base stage (0.71 / 0.57 against 0.70 / 0.63), so
+        # the two are within one training run's spread. Starting every frame from the key frame
+        # (keyframe_strength 0.8) stops the pans instead. docs/QUALITY.md, sessions 23-26.
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler, candidates=4,
                            jump_penalty=0.3, keyframe="middle", keyframe_guidance=40.0),
         interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}),
