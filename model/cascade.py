@@ -276,7 +276,7 @@ def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: 
     k = cascade.cfg.temporal.candidates if target is not None else 1
     cond = {"cond_emb": emb.repeat_interleave(k, dim=0), "fps": _fps(fps, b * k, cascade.device)}
     shape = (b * k, s.channels, s.frames, s.base_size, s.base_size)
-    hooks = keyframe_hooks(cascade, cond["cond_emb"], shape, generator)
+    hooks = keyframe_hooks(cascade, cond["cond_emb"], shape, generator, target)
     videos = _sample_stage(cascade, "temporal", shape, cond, generator, bar, **hooks)
     if k == 1:
         return videos
@@ -284,23 +284,40 @@ def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: 
     return _keep_best(videos.view(b, k, *videos.shape[1:]), scores)
 
 
+def keyframe_ranked(cascade: Cascade, images: torch.Tensor, target: torch.Tensor, keep: int) -> torch.Tensor:
+    """images (P*n, C, H, W), n draws per prompt in order, target (P, D) -> the `keep` draws of each prompt
+    whose CLIP image embeddings are closest to its target, best first: (P*keep, C, H, W)."""
+    p = target.shape[0]
+    scores = (image_embedding(cascade, images).view(p, -1, target.shape[1]) @ target.to(images)[:, :, None])
+    best = scores[..., 0].topk(keep, dim=1).indices  # (P, keep)
+    return images.view(p, -1, *images.shape[1:])[torch.arange(p, device=images.device)[:, None], best].flatten(0, 1)
+
+
 def keyframe_index(keyframe: str, frames: int) -> int | None:
     """The frame `temporal.keyframe` has D draw: 0 ("first"), (frames - 1) // 2 ("middle") or None."""
     return {"none": None, "first": 0, "middle": (frames - 1) // 2}[keyframe]
 
 
-def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], generator: torch.Generator
-                   ) -> dict[str, torch.Tensor]:
+def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], generator: torch.Generator,
+                   target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """With `temporal.keyframe` set: the image decoder D draws one frame per row of `emb` (B, D) and the
     sampler hooks (`x_known`, `mask`) that hold it at its index of Dt's video `shape` (B, C, F, H, W), with
     `temporal.keyframe_guidance` > 0 reconstruction guidance toward it (`known_guidance`), with
     `temporal.keyframe_strength` < 1 also the start from it repeated over the frames (SDEdit's `x_init`,
-    `strength`); {} without. D samples with its own sampler settings, as it does for an image."""
+    `strength`); {} without. D samples with its own sampler settings, as it does for an image.
+
+    Given a `target` (P, D), the rows are P prompts' k = B / P candidates (rows i*k .. i*k+k-1 share one
+    embedding); with `temporal.keyframe_draws` m > 1 D draws m frames per row and each prompt's k candidates
+    get the k of its k*m draws closest to its target (`keyframe_ranked`)."""
     index = keyframe_index(cascade.cfg.temporal.keyframe, shape[2])
     if index is None:
         return {}
     b, c, f, h, w = shape
-    image = _sample_stage(cascade, "decoder", (b, c, h, w), {"cond_emb": emb}, generator, None)  # (B, C, H, W)
+    m = cascade.cfg.temporal.keyframe_draws if target is not None else 1
+    image = _sample_stage(cascade, "decoder", (b * m, c, h, w), {"cond_emb": emb.repeat_interleave(m, dim=0)},
+                          generator, None)  # (B*m, C, H, W)
+    if m > 1:
+        image = keyframe_ranked(cascade, image, target, b // target.shape[0])
     video = image.new_zeros(shape)
     video[:, :, index] = image
     known = mask_from_indices([index], f).to(image.device)
@@ -451,7 +468,8 @@ def text_to_video(cascade: Cascade, prompts: Sequence[str], fps: float, seed: in
     emb = run.stage("prior", _steps(cascade, "prior"), lambda g, bar: sample_prior(cascade, prompts, g, bar))
     if not run.wants("temporal"):
         return run.out
-    target = text_embedding(cascade, prompts) if cascade.cfg.temporal.candidates > 1 else None
+    ranked = cascade.cfg.temporal.candidates > 1 or cascade.cfg.temporal.keyframe_draws > 1
+    target = text_embedding(cascade, prompts) if ranked else None
     base = run.stage("temporal", _steps(cascade, "temporal"),
                      lambda g, bar: sample_temporal(cascade, emb, fps, g, bar, target), fps)
     return _upsample(run, base, emb, fps, target_frames)

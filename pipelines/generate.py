@@ -212,6 +212,7 @@ def _stage_info(cascade: Cascade, use: str, result: CascadeOutput, row: int) -> 
             entry["candidates"] = getattr(cascade.cfg, net).candidates  # re-ranked samples per row
         if net == "temporal":
             entry["jump_penalty"] = cascade.cfg.temporal.jump_penalty  # its weight in the re-ranking
+            entry["keyframe_draws"] = cascade.cfg.temporal.keyframe_draws  # D's key frames per candidate
         out = result[stage][row]
         if out.dim() == 4:  # (C, F, H, W)
             entry.update(frames=out.shape[1], height=out.shape[2], width=out.shape[3], fps=result.fps.get(stage))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model.cascade import (STAGE_ORDER, _sample_stage, animate_image, build_cascade, frame_jumps, frame_similarity,
-                           interpolate_images, keyframe_index, sample_masked, sample_prior,
+                           image_embedding, interpolate_images, keyframe_hooks, keyframe_index, sample_masked,
+                           sample_prior,
                            sample_temporal, text_embedding,
                            stage_network, stage_seed, stages_needed, super_resolve_high, super_resolve_low,
                            text_to_video, to_base, vary_video, video_embedding)
@@ -231,6 +232,56 @@ def test_keyframe_is_the_decoders_image_held_in_dts_video(cascade):
         assert torch.allclose(runs[0], runs[1], atol=1e-5) is not mixing
     with pytest.raises(ValueError, match="keyframe_guidance"):
         type(cfg.temporal).model_validate({**cfg.temporal.model_dump(), "keyframe_guidance": -1.0})
+
+
+def test_keyframe_draws_give_the_candidates_the_draws_closest_to_the_text(cascade):
+    """`temporal.keyframe_draws` m: D draws m key frames per base video, and each prompt's k candidates get
+    the k of its k*m draws whose CLIP image embeddings are closest to its text embedding, best first (the
+    draws D makes of k*m copies of the embedding with that generator); without a target, or with m = 1, one
+    draw per row as before. With one candidate Dt's video holds the best draw."""
+    torch.manual_seed(0)
+    cascade = build_cascade(cascade.cfg, stages=("decoder", "temporal"))
+    prompts, k, m = PROMPT + ["a green square on a white background"], 2, 3
+    emb = torch.nn.functional.normalize(torch.randn(len(prompts), 32, generator=torch.Generator().manual_seed(1)),
+                                        dim=-1)
+    target = text_embedding(cascade, prompts)
+    s = cascade.cfg.shape
+    cfg = cascade.cfg.model_copy(deep=True)
+    cfg.temporal.keyframe, cfg.temporal.keyframe_draws = "middle", m
+    drawn = dataclasses.replace(cascade, cfg=cfg)
+    index = keyframe_index("middle", s.frames)
+    shape = (len(prompts) * k, s.channels, s.frames, s.base_size, s.base_size)
+    draws = _sample_stage(cascade, "decoder", (len(prompts) * k * m, *shape[1:2], *shape[3:]),
+                          {"cond_emb": emb.repeat_interleave(k * m, dim=0)}, torch.Generator().manual_seed(5), None)
+    scores = torch.einsum("pnd,pd->pn", image_embedding(cascade, draws).view(len(prompts), k * m, -1), target)
+    order = scores.argsort(dim=1, descending=True)
+    grouped = draws.view(len(prompts), k * m, *draws.shape[1:])
+    assert not torch.allclose(grouped[:, 0], grouped[:, 1])  # the draws differ
+    hooks = keyframe_hooks(drawn, emb.repeat_interleave(k, dim=0), shape, torch.Generator().manual_seed(5), target)
+    best = grouped[torch.arange(len(prompts))[:, None], order[:, :k]].flatten(0, 1)  # (P*k, C, H, W)
+    torch.testing.assert_close(hooks["x_known"][:, :, index], best)
+    # without a target the draws are not ranked: one per row, as with m = 1
+    plain = keyframe_hooks(drawn, emb.repeat_interleave(k, dim=0), shape, torch.Generator().manual_seed(5))
+    cfg1 = cfg.model_copy(deep=True)
+    cfg1.temporal.keyframe_draws = 1
+    one = keyframe_hooks(dataclasses.replace(cascade, cfg=cfg1), emb.repeat_interleave(k, dim=0), shape,
+                         torch.Generator().manual_seed(5), target)
+    assert torch.equal(plain["x_known"], one["x_known"]) and plain["x_known"].shape == shape
+    # one candidate: Dt's video holds each prompt's best of its m draws at the key index
+    single = _sample_stage(cascade, "decoder", (len(prompts) * m, *shape[1:2], *shape[3:]),
+                           {"cond_emb": emb.repeat_interleave(m, dim=0)}, torch.Generator().manual_seed(5), None)
+    top = torch.einsum("pnd,pd->pn", image_embedding(cascade, single).view(len(prompts), m, -1), target).argmax(1)
+    video = sample_temporal(drawn, emb, 8, torch.Generator().manual_seed(5), target=target)
+    torch.testing.assert_close(video[:, :, index], single.view(len(prompts), m, *single.shape[1:])[
+        torch.arange(len(prompts)), top])
+    data = cascade.cfg.model_dump()
+    data["temporal"]["keyframe_draws"] = 2
+    with pytest.raises(ValueError, match="keyframe_draws ranks D's key frames: set temporal.keyframe"):
+        type(cascade.cfg).model_validate(data)
+    data = cfg.model_dump()
+    data["decoder"]["keyframe_draws"] = 2
+    with pytest.raises(ValueError, match="temporal stage only.*decoder"):
+        type(cfg).model_validate(data)
 
 
 def test_stage_seeds_are_stable_and_distinct():
