@@ -288,8 +288,8 @@ def keyframe_ranked(cascade: Cascade, images: torch.Tensor, target: torch.Tensor
     """images (P*n, C, H, W), n draws per prompt in order, target (P, D) -> the `keep` draws of each prompt
     whose CLIP image embeddings are closest to its target, best first: (P*keep, C, H, W)."""
     p = target.shape[0]
-    scores = (image_embedding(cascade, images).view(p, -1, target.shape[1]) @ target.to(images)[:, :, None])
-    best = scores[..., 0].topk(keep, dim=1).indices  # (P, keep)
+    scores = torch.einsum("pnd,pd->pn", image_embedding(cascade, images).view(p, -1, target.shape[1]), target)
+    best = scores.topk(keep, dim=1).indices  # (P, keep)
     return images.view(p, -1, *images.shape[1:])[torch.arange(p, device=images.device)[:, None], best].flatten(0, 1)
 
 

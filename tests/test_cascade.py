@@ -10,8 +10,7 @@ import torch
 
 from model.cascade import (STAGE_ORDER, _sample_stage, animate_image, build_cascade, frame_jumps, frame_similarity,
                            image_embedding, interpolate_images, keyframe_hooks, keyframe_index, sample_masked,
-                           sample_prior,
-                           sample_temporal, text_embedding,
+                           sample_prior, sample_temporal, text_embedding,
                            stage_network, stage_seed, stages_needed, super_resolve_high, super_resolve_low,
                            text_to_video, to_base, vary_video, video_embedding)
 from model.clip import tokenize
