@@ -284,6 +284,15 @@ def sample_temporal(cascade: Cascade, emb: torch.Tensor, fps: float, generator: 
     return _keep_best(videos.view(b, k, *videos.shape[1:]), scores)
 
 
+def decode_images(cascade: Cascade, emb: torch.Tensor, generator: torch.Generator,
+                  bar: ProgressBar | None = None) -> torch.Tensor:
+    """The image decoder D: one base-size image per CLIP image embedding (B, D) -> (B, C, base, base), with
+    D's own sampler settings."""
+    s = cascade.cfg.shape
+    return _sample_stage(cascade, "decoder", (emb.shape[0], s.channels, s.base_size, s.base_size),
+                         {"cond_emb": emb}, generator, bar)
+
+
 def keyframe_ranked(cascade: Cascade, images: torch.Tensor, target: torch.Tensor, keep: int) -> torch.Tensor:
     """images (P*n, C, H, W), n draws per prompt in order, target (P, D) -> the `keep` draws of each prompt
     whose CLIP image embeddings are closest to its target, best first: (P*keep, C, H, W)."""
@@ -314,8 +323,7 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
         return {}
     b, c, f, h, w = shape
     m = cascade.cfg.temporal.keyframe_draws if target is not None else 1
-    image = _sample_stage(cascade, "decoder", (b * m, c, h, w), {"cond_emb": emb.repeat_interleave(m, dim=0)},
-                          generator, None)  # (B*m, C, H, W)
+    image = decode_images(cascade, emb.repeat_interleave(m, dim=0), generator)  # (B*m, C, H, W)
     if m > 1:
         image = keyframe_ranked(cascade, image, target, b // target.shape[0])
     video = image.new_zeros(shape)

@@ -98,20 +98,26 @@ def _with_saved(cfg: CascadeConfig, stage: str, saved: UNetConfig | PriorConfig 
 
 def load_cascade(cfg: Any, weights: str = "mlflow", tracking_uri: str | None = None, *, use: str = "text",
                  stop_at: str | None = None, device: str | torch.device | None = None,
-                 alias: str = DEFAULT_ALIAS, sr_high_chunk: int = 8) -> Cascade:
-    """Every network `use` runs up to `stop_at`, plus CLIP unless `clip.weights_path` names a pretrained
-    file, from the MLflow registry (`weights="mlflow"`: models:/mav-<stage>@<alias>) or from a checkpoint
-    folder of `<stage>.safetensors` files. A missing stage raises MissingWeightsError naming it and where
-    it looked. Networks are rebuilt from the config saved in their file; sampling settings and sizes stay
-    those of `cfg`. `cascade.sources` records each file's registry version or sha256."""
+                 alias: str = DEFAULT_ALIAS, sr_high_chunk: int = 8, extra: Sequence[str] = ()) -> Cascade:
+    """Every network `use` runs up to `stop_at` and the `extra` ones named (e.g. "decoder" for a diagnosis
+    that draws with D alone), plus CLIP unless `clip.weights_path` names a pretrained file, from the MLflow
+    registry (`weights="mlflow"`: models:/mav-<stage>@<alias>) or from a checkpoint folder of
+    `<stage>.safetensors` files. A missing stage raises MissingWeightsError naming it and where it looked.
+    Networks are rebuilt from the config saved in their file; sampling settings and sizes stay those of `cfg`.
+    `cascade.sources` records each file's registry version or sha256."""
     import torch
 
     from model.cascade import build_cascade, stages_needed
     from model.checkpoint import load_weights
+    from model.networks import STAGES as NETWORKS
     from training.registry import stage_versions
 
     cascade_cfg: CascadeConfig = getattr(cfg, "cascade", cfg)
     stages = list(stages_needed(use, stop_at, cascade_cfg))
+    unknown = sorted(set(extra) - set(NETWORKS))
+    if unknown:
+        raise ValueError(f"extra networks must be among {list(NETWORKS)}, got {unknown}")
+    stages += [s for s in extra if s not in stages]
     if cascade_cfg.clip.weights_path is None:
         stages.insert(0, "clip")
     uri = resolve_tracking_uri(cfg, tracking_uri) if weights == "mlflow" else None

@@ -14,7 +14,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from model.cascade import build_cascade
+from model.cascade import build_cascade, stages_needed
 from model.checkpoint import save_weights
 from pipelines.config import preset_config
 from pipelines.evaluate import parse_prompt
@@ -37,10 +37,10 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A sqlite MLflow store with random tiny weights registered for CLIP and every stage."""
+    """A sqlite MLflow store with random tiny weights registered for CLIP, D and every stage text-to-video runs."""
     folder = tmp_path_factory.mktemp("store")
     torch.manual_seed(0)
-    cascade = build_cascade(CFG.cascade)
+    cascade = build_cascade(CFG.cascade, stages=("decoder", *stages_needed("text", None, CFG.cascade)))
     states = {"clip": cascade.clip.state_dict(), **{s: n.state_dict() for s, n in cascade.nets.items()}}
     uri = f"sqlite:///{folder}/mlflow.db"
     tracker = MlflowTracker(uri, "weights")
@@ -210,3 +210,106 @@ def test_evaluation_samples_are_enlarged_pixel_for_pixel_to_a_viewable_size():
     assert big.shape == (3, 128, 192, 3)  # factor 4: the shorter side reaches 128
     assert np.array_equal(big[:, ::4, ::4], video) and np.array_equal(big[:, 3::4, 3::4], video)
     assert viewing_size(big) is big and viewing_size(video[:, :30, :30]).shape == (3, 150, 150, 3)
+
+
+# --- mav evaluate --links: where a prompt is lost before the video stages -----------------------------------
+
+def test_link_renders_are_the_worlds_own_scenes():
+    """The retrieval bank holds every (shape, colour) the background allows at each asked size, and the
+    scenes D is asked to redraw read as the scene: the decoder link's ceiling is 1."""
+    from pipelines.evaluate import detect_object
+    from pipelines.links import candidate_renders, prompt_sizes, scene_renders
+    from pipelines.world.generate import _backgrounds
+
+    toy = world_preset("toy")
+    assert prompt_sizes(toy, "a small red diamond on a blue background, the camera pans up") == ["small"]
+    assert prompt_sizes(toy, "a green circle growing at the top on a black background") == ["small", "medium", "large"]
+    labels, images = candidate_renders(toy, "gray", ["small", "large"])
+    drawable = [c for c in toy.colours if "gray" in _backgrounds(toy, c)]
+    assert sorted(set(labels)) == sorted((s, c) for s in toy.shapes for c in drawable)
+    assert len(labels) == 2 * len(set(labels)) == len(images) and images.shape[1:] == (128, 128, 3)
+    assert [(o.shape, o.colour) for o in map(detect_object, images)] == labels
+    scenes = scene_renders(toy, "triangle", "red", "black", ["medium"], 6, np.random.default_rng(0))
+    assert all((o.shape, o.colour, o.found) == ("triangle", "red", True) for o in map(detect_object, scenes))
+    assert len({img.tobytes() for img in scenes}) == 6  # placed and sized as the LAION images are, not one copy
+
+
+def test_a_prompt_is_lost_at_the_first_wrong_link():
+    from pipelines.links import first_lost, summarise_links
+
+    row = {"text": 1.0, "prior": 1.0, "decoder": 1.0, "keyframe": 1.0}
+    assert first_lost(row) is None and first_lost({**row, "text": 0.0}) is None  # the key frame is right
+    assert first_lost({**row, "keyframe": 0.25}) == "keyframe"  # D draws the scene, not from the prior's embedding
+    assert first_lost({**row, "keyframe": 0.25, "decoder": 0.0}) == "decoder"
+    assert first_lost({**row, "keyframe": 0.0, "prior": 0.0, "decoder": 0.0}) == "prior"
+    assert first_lost({**row, "keyframe": 0.0, "text": 0.0, "prior": 0.0}) == "text"
+    summary = summarise_links([{**row, "held_out": True}, {**row, "keyframe": 0.0, "held_out": False}])
+    assert summary["all"]["keyframe"] == 0.5 and summary["held_out"]["keyframe"] == 1.0
+    assert summary["seen"] == {**row, "keyframe": 0.0, "prompts": 1.0}
+
+
+def test_link_scores_read_what_the_decoder_draws(store, monkeypatch):
+    """D's two links are read by the evaluator off D's drawings: a decoder that draws the prompt's scene
+    scores 1 on both, one that draws it in another colour 0 (and shows that colour); the retrieval links do
+    not depend on D, and the same seed gives the same row."""
+    import model.cascade
+    from pipelines.generate import load_cascade
+    from pipelines.links import first_lost, link_scores, prompt_sizes, scene_renders
+    from pipelines.world.generate import _backgrounds
+
+    toy = world_preset("toy")
+    spec = PromptSpec.from_text("a large red square drifting up on a black background")
+    cascade = load_cascade(CFG, "mlflow", store, stop_at="prior", device="cpu", extra=("decoder",))
+    assert set(cascade.nets) == {"prior", "decoder"}
+    with pytest.raises(ValueError, match="extra networks"):
+        load_cascade(CFG, "mlflow", store, stop_at="prior", device="cpu", extra=("vae",))
+    calls = []
+
+    def decoder_drawing(colour):
+        def draw(cascade, emb, generator, bar=None):
+            calls.append(emb.shape[0])
+            images = scene_renders(toy, spec.shape, colour, spec.background, prompt_sizes(toy, spec.text),
+                                   emb.shape[0], np.random.default_rng(1))
+            return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return draw
+
+    monkeypatch.setattr(model.cascade, "decode_images", decoder_drawing("red"))
+    right = link_scores(cascade, toy, [spec], draws=3, seed=5)[0]
+    assert calls == [6]  # the true embeddings' 3 and the prior's 3, in one batch
+    assert right["decoder"] == right["keyframe"] == 1.0 and right["keyframe_shows"] == "red square"
+    assert 0.0 <= right["text"] <= 1.0 and right["prior"] in (0.0, 1 / 3, 2 / 3, 1.0) and first_lost(right) is None
+    other = next(c for c in toy.colours if c != "red" and "black" in _backgrounds(toy, c))
+    monkeypatch.setattr(model.cascade, "decode_images", decoder_drawing(other))
+    wrong = link_scores(cascade, toy, [spec], draws=3, seed=5)[0]
+    assert wrong["decoder"] == wrong["keyframe"] == 0.0 and wrong["decoder_shows"] == f"{other} square"
+    assert [wrong[k] for k in ("text", "prior", "prior_shows")] == [right[k] for k in ("text", "prior", "prior_shows")]
+    assert first_lost(wrong) in ("text", "prior", "decoder")
+    with pytest.raises(ValueError, match="names no colour"):
+        link_scores(cascade, toy, [PromptSpec.from_text("a square on a black background")])
+
+
+def test_cli_reads_the_links_and_logs_them(store, world, tmp_path, capsys):
+    from pipelines.cli import _add_config_args, _load
+
+    root, _ = world
+    parser = argparse.ArgumentParser(prog="mav")
+    add_evaluate_commands(parser.add_subparsers(dest="command"), _add_config_args, _load)
+    args = parser.parse_args(["evaluate", "--preset", "tiny", "--out", str(tmp_path), "--tracking-uri", store,
+                              "--world", str(root), "--prompts", "3", "--links", "2"])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "links.json").read_text())
+    prompts = prompt_set(world_config(root), 3, seed=0, held_out=held_out_combinations(world_config(root), root))
+    assert [r["prompt"] for r in saved["prompts"]] == [p.text for p in prompts]
+    assert all(0.0 <= r[k] <= 1.0 for r in saved["prompts"] for k in ("text", "prior", "decoder", "keyframe"))
+    assert {r["draws"] for r in saved["prompts"]} == {2} and saved["summary"]["all"]["prompts"] == 3
+    printed = capsys.readouterr().out
+    assert "evaluate --links: 3 prompts x 2 draws" in printed and "all (3 prompts)" in printed
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "attributes.run_name = 'evaluate-links'")
+    metrics = next(r for r in runs if r.data.params.get("links.prompts") == "3").data.metrics
+    assert metrics["links/keyframe"] == pytest.approx(saved["summary"]["all"]["keyframe"])
+    assert "links/held_out/text" in metrics and "links/seen/decoder" in metrics
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--out", str(tmp_path), "--links", "0"])
+    assert "must be >= 1" in capsys.readouterr().err

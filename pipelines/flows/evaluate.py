@@ -397,6 +397,14 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
 
 # --- Prefect flow and CLI -----------------------------------------------------------------------------
 
+def _prompts(cfg: Any, world: str | None, n_prompts: int, seed: int) -> tuple[WorldConfig, list[PromptSpec]]:
+    """The world's config and its prompt set: from a generated world folder (its LAION rows define the
+    held-out triples) or, without one, from the config's world plan."""
+    world_cfg = world_config(world) if world else cfg.world
+    held = held_out_combinations(world_cfg, world) if world else None
+    return world_cfg, prompt_set(world_cfg, n_prompts, seed, held_out=held)
+
+
 def evaluate(out: str, preset: str = "toy", weights: str = "mlflow", tracking_uri: str | None = None,
              world: str | None = None, n_prompts: int = 8, samples_per_prompt: int = 2, seed: int = 0,
              config: str | dict | None = None, overrides: list[str] | None = None, stop_at: str | None = None,
@@ -413,9 +421,7 @@ def evaluate(out: str, preset: str = "toy", weights: str = "mlflow", tracking_ur
         cfg = PipelineConfig.model_validate(config)
     else:
         cfg = load_config(preset, config, overrides or [])
-    world_cfg = world_config(world) if world else cfg.world
-    held = held_out_combinations(world_cfg, world) if world else None
-    prompts = prompt_set(world_cfg, n_prompts, seed, held_out=held)
+    world_cfg, prompts = _prompts(cfg, world, n_prompts, seed)
     reference = None
     if world:
         frames, side = output_shape(cfg, stop_at)
@@ -444,11 +450,25 @@ def __getattr__(name: str) -> Any:
 def _cmd(load_config: Callable[[argparse.Namespace], Any], runner: Callable[..., dict] | None,
          args: argparse.Namespace) -> int:
     cfg = load_config(args)  # config errors surface here, before Prefect or torch start
+    if args.links is not None:
+        from pipelines.links import evaluate_links
+
+        world_cfg, prompts = _prompts(cfg, str(args.world) if args.world else None, args.prompts, args.seed)
+        evaluate_links(cfg, world=world_cfg, prompts=prompts, out_dir=args.out, weights=args.weights,
+                       tracking_uri=args.tracking_uri, draws=args.links, seed=args.seed)
+        return 0
     run = runner or _evaluate_flow()
     run(out=str(args.out), preset=cfg.preset, weights=args.weights, tracking_uri=args.tracking_uri,
         world=str(args.world) if args.world else None, n_prompts=args.prompts, samples_per_prompt=args.samples,
         seed=args.seed, config=cfg.model_dump(mode="json"), stop_at=args.stop_at, fps=args.fps)
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_evaluate_commands(subparsers: Any, add_config_args: Callable[[argparse.ArgumentParser], None],
@@ -473,4 +493,9 @@ def add_evaluate_commands(subparsers: Any, add_config_args: Callable[[argparse.A
     p.add_argument("--stop-at", choices=STAGES[1:], help="last stage to run (default: sr_high)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the base clip (default: %(default)s)")
+    p.add_argument("--links", type=_positive, metavar="DRAWS",
+                   help="instead of videos, read where each prompt is lost before the video stages: CLIP's "
+                        "text embedding, DRAWS prior embeddings, D from the true embedding of world renders and "
+                        "D from the prior's (the key frame); links.json in --out and an MLflow run "
+                        "'evaluate-links' (seconds on a CPU)")
     p.set_defaults(func=partial(_cmd, load_config, runner))
