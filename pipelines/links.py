@@ -10,10 +10,10 @@ chain are read against the toy world, with no learned judge:
   image positions (share whose object `detect_object` reads as the prompt's shape and colour): can D draw it?
 - keyframe: D from the prior's `draws` embeddings (share read right): the image Dt is guided toward with
   `temporal.keyframe` set (before `temporal.keyframe_draws` re-ranks D's draws).
-A prompt whose key frame is wrong is lost at the first link that is wrong too (`first_lost`): text
-(CLIP's text side), prior, decoder (D cannot draw the scene even from its true embedding), else keyframe
-(D draws the true embedding but not the prior's: the prior's embedding lies off what D learnt). Prompt i
-draws with seed + i, so the same arguments give the same figures.
+A prompt whose key frame is wrong is put down to one link (`first_lost`): with the prior's embedding right,
+decoder (D cannot draw the scene even from its true embedding) or else keyframe (D draws the true embedding
+but not the prior's); with it wrong, text (CLIP's text side already wrong) or else prior. Prompt i draws with
+seed + i, so the same arguments give the same figures.
 """
 from __future__ import annotations
 
@@ -138,12 +138,15 @@ def summarise_links(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
 
 
 def first_lost(row: dict, threshold: float = 0.5) -> str | None:
-    """Where a prompt whose key frame is wrong (under `threshold` of its draws right) was lost: the first
-    link in chain order under `threshold` - text, prior, decoder (D misses even the true embedding) - else
-    "keyframe" (D draws the true embedding but not the prior's). None while the key frame is right."""
+    """Where a prompt whose key frame is wrong (under `threshold` of its draws right) was lost. The key
+    frame is D's drawing of the prior's embedding: with the prior right, "decoder" if D misses even the true
+    embedding, else "keyframe" (the prior's embedding lies off what D learnt); with the prior wrong, "text"
+    if CLIP's text embedding is wrong too, else "prior". None while the key frame is right."""
     if row["keyframe"] >= threshold:
         return None
-    return next((link for link in ("text", "prior", "decoder") if row[link] < threshold), "keyframe")
+    if row["prior"] >= threshold:
+        return "decoder" if row["decoder"] < threshold else "keyframe"
+    return "text" if row["text"] < threshold else "prior"
 
 
 _SHOWN = {"text": "text_shows", "prior": "prior_shows", "decoder": "decoder_shows", "keyframe": "keyframe_shows"}
