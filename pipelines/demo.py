@@ -44,5 +44,12 @@ def run_demo(cfg: PipelineConfig, out: Path) -> int:
           f"faithfulness {means['prompt_faithfulness']:.2f}, "
           f"consistency {means['temporal_consistency']:.2f}, motion share {means['motion_share']:.2f}; "
           f"quality bar {'PASSED' if passed else 'not reached'})")
+    links = results.get("links")
+    if links:
+        means, lost = links["summary"]["all"], links["lost"]
+        print(f"  links           {links['out']}  (before Dt, shares right: text {means['text']:.2f}, prior "
+              f"{means['prior']:.2f}, D from the true embedding {means['decoder']:.2f}, key frame "
+              f"{means['keyframe']:.2f}; wrong key frames lost at: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(lost.items())) or "none") + ")")
     print(f"  timings (s)     {results['timings_s']}")
     return 0

@@ -174,7 +174,7 @@ def evaluate_links(cfg: Any, *, world: WorldConfig, prompts: Sequence[Any], out_
     import json
     from pathlib import Path
 
-    from pipelines.flows.evaluate import _weights_used
+    from pipelines.flows.evaluate import weights_used
     from pipelines.generate import load_cascade, resolve_tracking_uri
     from training.tracking import MlflowTracker, tracked_run
 
@@ -194,7 +194,7 @@ def evaluate_links(cfg: Any, *, world: WorldConfig, prompts: Sequence[Any], out_
     with tracked_run(MlflowTracker(uri, experiment), "evaluate-links", parent_run_id=parent_run_id,
                      tags={"mav.stage": "evaluate-links"}) as tracker:
         tracker.log_params({"links": {"prompts": len(rows), "draws": draws, "seed": seed, "weights": weights},
-                            "weights": _weights_used(cascade, weights, uri)})
+                            "weights": weights_used(cascade, weights, uri)})
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(str(out / "links.json"), "evaluation")
     return {"run_id": tracker.run_id, "rows": rows, "summary": summary, "metrics": metrics, "table": table}

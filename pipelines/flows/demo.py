@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from prefect import flow
 
 from pipelines.config import PipelineConfig, dump_config
 from pipelines.evaluate import read_back
-from pipelines.flows.evaluate import evaluate
+from pipelines.flows.evaluate import evaluate, evaluation_prompts
 from pipelines.flows.images import build_image_dataset
 from pipelines.flows.train import train_cascade
 from pipelines.flows.videos import build_video_dataset
@@ -46,6 +47,20 @@ DEMO_PROMPTS = ("a large red circle on a blue background",
 # On the session-13 demo's weights, 16 x 2: faithfulness / consistency / motion share 0.90 / 0.88 / 0.81 after F,
 # 0.92 / 0.93 / 0.84 after sr_low, 0.92 / 0.94 / 0.81 after sr_high; the evaluation takes 7.4 / 16.5 / 28.1 min.
 EVAL_STAGE = "sr_high"
+LINK_DRAWS = 8  # prior and D draws per prompt for the link reading (~40 s for 16 prompts on the toy preset)
+
+
+def _links(cfg: PipelineConfig, root: Path, tracking_uri: str) -> dict:
+    """The evaluation's prompts read link by link (`pipelines.links`): the means and, per link, how many
+    prompts whose key frame is wrong were lost there."""
+    from pipelines.links import evaluate_links, first_lost
+
+    world, prompts = evaluation_prompts(cfg, str(root / "world"), EVAL_PROMPTS, 0)
+    read = evaluate_links(cfg, world=world, prompts=prompts, out_dir=root / "links", tracking_uri=tracking_uri,
+                          draws=LINK_DRAWS)
+    lost = Counter(first_lost(r) for r in read["rows"])
+    lost.pop(None, None)
+    return {"summary": read["summary"], "lost": dict(lost)}
 
 
 def ensure_world(root: Path, cfg: WorldConfig) -> tuple[bool, str]:
@@ -140,6 +155,14 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
         print(f"evaluation reused from {root / 'eval'} (same weights and settings)")
     timings["evaluate"] = time.perf_counter() - t0
     results["evaluation"] = {"out": str(root / "eval"), "stage": EVAL_STAGE, "metrics": summary}
+    # Where the evaluation's prompts are lost before Dt (`mav evaluate --links`): seconds beside the videos.
+    t0 = time.perf_counter()
+    links, reused = reuse_step(root / "links", {**inputs, "prompts": EVAL_PROMPTS, "draws": LINK_DRAWS},
+                               lambda: _links(cfg, root, tracking_uri))
+    if reused:
+        print(f"link reading reused from {root / 'links'} (same weights and settings)")
+    timings["links"] = time.perf_counter() - t0
+    results["links"] = {"out": str(root / "links"), **links}
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     (root / "summary.json").write_text(json.dumps(results, indent=2))
     return results

@@ -318,7 +318,7 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, videos: np.ndarra
         write_gif(apply_watermark(viewing_size(videos[i]), WatermarkConfig()), out / "samples" / f"{i:03d}.gif", fps)
 
 
-def _weights_used(cascade: Any, weights: str, uri: str) -> dict[str, dict]:
+def weights_used(cascade: Any, weights: str, uri: str) -> dict[str, dict]:
     """Per stage the cascade loaded: registry version, run, sha256 and source (None values dropped)."""
     from training.registry import stage_versions
 
@@ -387,7 +387,7 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
                 "stop_at": stop_at or STAGES[-1], "fps": fps, "weights": weights,
                 "reference_videos": len(reference_videos or []), "fvd_features": FVD_FEATURES}
     experiment = getattr(getattr(cfg, "train", None), "experiment", "make-a-video")
-    used = _weights_used(cascade, weights, uri)
+    used = weights_used(cascade, weights, uri)
     with tracked_run(MlflowTracker(uri, experiment), "evaluate", parent_run_id=parent_run_id,
                      tags=_run_tags(used, summary)) as tracker:
         _log(tracker, cfg, settings, used, summary, rows, out)
@@ -397,7 +397,8 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
 
 # --- Prefect flow and CLI -----------------------------------------------------------------------------
 
-def _prompts(cfg: Any, world: str | None, n_prompts: int, seed: int) -> tuple[WorldConfig, list[PromptSpec]]:
+def evaluation_prompts(cfg: Any, world: str | None, n_prompts: int,
+                       seed: int) -> tuple[WorldConfig, list[PromptSpec]]:
     """The world's config and its prompt set: from a generated world folder (its LAION rows define the
     held-out triples) or, without one, from the config's world plan."""
     world_cfg = world_config(world) if world else cfg.world
@@ -421,7 +422,7 @@ def evaluate(out: str, preset: str = "toy", weights: str = "mlflow", tracking_ur
         cfg = PipelineConfig.model_validate(config)
     else:
         cfg = load_config(preset, config, overrides or [])
-    world_cfg, prompts = _prompts(cfg, world, n_prompts, seed)
+    world_cfg, prompts = evaluation_prompts(cfg, world, n_prompts, seed)
     reference = None
     if world:
         frames, side = output_shape(cfg, stop_at)
@@ -453,7 +454,8 @@ def _cmd(load_config: Callable[[argparse.Namespace], Any], runner: Callable[...,
     if args.links is not None:
         from pipelines.links import evaluate_links
 
-        world_cfg, prompts = _prompts(cfg, str(args.world) if args.world else None, args.prompts, args.seed)
+        world = str(args.world) if args.world else None
+        world_cfg, prompts = evaluation_prompts(cfg, world, args.prompts, args.seed)
         evaluate_links(cfg, world=world_cfg, prompts=prompts, out_dir=args.out, weights=args.weights,
                        tracking_uri=args.tracking_uri, draws=args.links, seed=args.seed)
         return 0
