@@ -133,9 +133,13 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
     config = cfg.model_dump(mode="json")
     inputs = {"config": config, "weights": stage_versions(tracking_uri)}
     t0 = time.perf_counter()
-    videos_out, reused = reuse_step(root / "videos", {**inputs, "prompts": DEMO_PROMPTS, "seed": 0}, lambda: [
-        {kind: str(path) for kind, path in r["files"].items()}
-        for r in generate(cfg, list(DEMO_PROMPTS), root / "videos", tracking_uri=tracking_uri, seed=0)])
+    # The record names the files inside the run folder, so a rerun from another directory, or of a copied
+    # run folder, finds them ("names": records of older code held paths from where the run was started).
+    videos_out, reused = reuse_step(root / "videos", {**inputs, "prompts": DEMO_PROMPTS, "seed": 0, "names": "run"},
+                                    lambda: [{kind: Path(path).name for kind, path in r["files"].items()}
+                                             for r in generate(cfg, list(DEMO_PROMPTS), root / "videos",
+                                                               tracking_uri=tracking_uri, seed=0)])
+    videos_out = [{kind: str(root / "videos" / name) for kind, name in files.items()} for files in videos_out]
     print(f"videos {'reused from' if reused else 'written to'} {root / 'videos'}")
     # Does each delivered video show its prompt? The evaluator reads the mp4 as a viewer gets it, less the
     # watermark's label (its sidecar says which mark the file carries).
