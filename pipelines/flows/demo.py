@@ -47,7 +47,7 @@ DEMO_PROMPTS = ("a large red circle on a blue background",
 # On the session-13 demo's weights, 16 x 2: faithfulness / consistency / motion share 0.90 / 0.88 / 0.81 after F,
 # 0.92 / 0.93 / 0.84 after sr_low, 0.92 / 0.94 / 0.81 after sr_high; the evaluation takes 7.4 / 16.5 / 28.1 min.
 EVAL_STAGE = "sr_high"
-LINK_DRAWS = 8  # prior and D draws per prompt for the link reading (~40 s for 16 prompts on the toy preset)
+LINK_DRAWS = 8  # prior and D draws per prompt for the link reading (50 s for 16 prompts, toy preset, this CPU)
 
 
 def _links(cfg: PipelineConfig, root: Path, tracking_uri: str) -> dict:
