@@ -73,11 +73,6 @@ def _pixels(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _frames(images) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _label(obj) -> str:
     return f"{obj.colour} {obj.shape}" if obj.found else "nothing"
 
@@ -89,11 +84,12 @@ def link_scores(cascade: Any, world: WorldConfig, prompts: Sequence[Any], draws:
     seed + i, so a row depends only on its prompt and position."""
     import torch
 
-    from model.cascade import decode_images, image_embedding, sample_prior, text_embedding, to_base
+    from model.cascade import decode_images, image_embedding, sample_prior, text_embedding, to_base, to_uint8
 
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     eval_cfg = eval_cfg or EvalConfig()
+    banks: dict[tuple, tuple] = {}  # (background, sizes) -> (labels, CLIP embeddings of the renders)
     rows = []
     for i, spec in enumerate(prompts):
         missing = [k for k in ("shape", "colour", "background") if getattr(spec, k) is None]
@@ -101,16 +97,20 @@ def link_scores(cascade: Any, world: WorldConfig, prompts: Sequence[Any], draws:
             raise ValueError(f"prompt {spec.text!r} names no {', '.join(missing)}: its links cannot be read")
         sizes = prompt_sizes(world, spec.text)
         wanted = (spec.shape, spec.colour)
-        labels, candidates = candidate_renders(world, spec.background, sizes)
         generator = torch.Generator().manual_seed(seed + i)
         rng = np.random.default_rng([seed, i])
         with torch.no_grad():
-            bank = image_embedding(cascade, to_base(cascade, _pixels(candidates)))  # (K, D)
+            key = (spec.background, tuple(sizes))
+            if key not in banks:
+                labels, candidates = candidate_renders(world, spec.background, sizes)
+                banks[key] = labels, image_embedding(cascade, to_base(cascade, _pixels(candidates)))  # (K, D)
+            labels, bank = banks[key]
             text = text_embedding(cascade, [spec.text])  # (1, D)
             prior = sample_prior(cascade, [spec.text] * draws, generator)  # (n, D)
             scenes = scene_renders(world, spec.shape, spec.colour, spec.background, sizes, draws, rng)
             true = image_embedding(cascade, to_base(cascade, _pixels(scenes)))  # (n, D)
-            drawn = _frames(decode_images(cascade, torch.cat([true, prior.to(true)]), generator))
+            images = decode_images(cascade, torch.cat([true, prior.to(true)]), generator)  # (2n, C, H, W)
+            drawn = to_uint8(images[:, :, None])[:, 0].numpy()  # one-frame videos -> (2n, H, W, 3)
         picks = [labels[int(k)] for k in (torch.cat([text, prior.to(text)]) @ bank.T).argmax(dim=1)]
         reads = [detect_object(frame, eval_cfg) for frame in drawn]
         right = [(o.shape, o.colour) == wanted for o in reads]
