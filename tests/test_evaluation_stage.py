@@ -14,13 +14,13 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from model.cascade import build_cascade, stages_needed
+from model.cascade import CascadeOutput, build_cascade, stages_needed, to_uint8
 from model.checkpoint import save_weights
 from pipelines.config import preset_config
 from pipelines.evaluate import parse_prompt
 from pipelines.flows.evaluate import (QUALITY_BAR, PromptSpec, add_evaluate_commands, aggregate, evaluate_cascade,
                                      held_out_combinations, load_reference_videos, output_shape, prompt_set,
-                                     score_videos, viewing_size, world_config)
+                                     score_videos, stage_reading, stage_trace, viewing_size, world_config)
 from pipelines.world import generate_world, world_preset
 from training.tracking import MlflowTracker
 
@@ -124,8 +124,15 @@ def test_evaluate_cascade_logs_the_run(store, world, tmp_path, capsys):
     assert not result["summary"]["quality_bar"]["checks"]["video_text_samples"]["passed"]
     assert metrics["eval/video_text_samples"] == 0.0
 
+    # Every video stage of the same calls is read too, in cascade order; the last one is the table's.
+    stages = result["summary"]["stages"]
+    assert list(stages) == ["temporal", "interpolation", "sr_low", "sr_high"]
+    assert stages["sr_high"]["temporal_consistency"] == pytest.approx(result["summary"]["all"]["temporal_consistency"])
+    assert metrics["eval/stages/temporal/prompt_faithfulness"] == pytest.approx(stages["temporal"]["prompt_faithfulness"])
+
     captured = capsys.readouterr()
     printed = captured.out
+    assert "by stage (faithful / consist / shape" in printed and "interpolation " in printed
     assert "evaluation videos" in captured.err and "8/8" in captured.err  # one progress bar over the stage
     assert all(p.text[:40] in printed for p in prompts) and "quality bar: FAIL" in printed
     assert "lineage: video stages (temporal v1, interpolation v1, sr_low v1) trained on 0 clips" in printed
@@ -191,6 +198,31 @@ def test_a_lineage_the_caller_has_is_used_as_given(store, world, tmp_path):
                               stop_at="temporal", device="cpu", lineage=given)
     assert result["summary"]["lineage"] == given
     assert result["summary"]["quality_bar"]["checks"]["video_text_samples"]["passed"]
+
+
+def test_the_stage_trace_reads_each_earlier_stage_at_the_final_size(world):
+    root, truth = world
+    rows = truth[(truth.source != "laion") & truth.truth.notna() & ~truth.expected.isin(["corrupt", "html"])]
+    rows = rows.drop_duplicates("sample_id").head(2)
+    videos = [decord.VideoReader(str(root / "files" / "videos" / f"{r.sample_id}.mp4")).get_batch(list(range(8)))
+              .asnumpy() for r in rows.itertuples()]  # (8, H, W, 3) each
+    specs = [PromptSpec(r.caption, r.shape, r.colour, r.background, r.motion) for r in rows.itertuples()]
+    clip = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, C, F, H, W)
+    base = torch.nn.functional.avg_pool3d(clip, (1, 2, 2))  # the scenes at 32 px: what Dt would make
+    wrong = clip[:, [2, 0, 1]]  # the final stage swaps the colours: a red object turns blue
+    result = CascadeOutput(outputs={"prior": torch.zeros(2, 8), "temporal": base, "sr_low": wrong})
+    trace = stage_trace(result)
+    assert list(trace) == ["temporal"] and trace["temporal"].shape == (2, *videos[0].shape)
+    assert trace["temporal"].dtype == np.uint8
+    flat = stage_trace(CascadeOutput(outputs={"temporal": torch.full((1, 3, 2, 8, 8), 0.5),
+                                              "sr_low": torch.zeros(1, 3, 2, 32, 32)}))["temporal"]
+    assert flat.shape == (1, 2, 32, 32, 3) and (flat == 191).all()  # a flat frame stays flat
+
+    final = score_videos(to_uint8(wrong).numpy(), specs)
+    reading = stage_reading(trace, specs, final, "sr_low")
+    assert list(reading) == ["temporal", "sr_low"]
+    assert reading["temporal"]["prompt_faithfulness"] >= 0.9 and reading["temporal"]["colour_accuracy"] >= 0.9
+    assert reading["sr_low"]["colour_accuracy"] < 0.5 and reading["sr_low"]["prompt_faithfulness"] < 0.5
 
 
 def test_registering_the_command_does_not_load_torch():

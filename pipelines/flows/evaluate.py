@@ -5,7 +5,9 @@ Prompts (`prompt_set`) are phrased as the world's video captions, and include he
 shape/colour/background triples that no LAION row of the world contains, so the text side never saw them
 (the paper's claim is that the cascade composes what it learned from images and from video). Per video
 the scores are `pipelines.evaluate.evaluate_video`'s; `aggregate` takes their means overall, for held-out
-and for seen prompts, and the share of clips that move, and `quality_bar` checks the issue's bar.
+and for seen prompts, and the share of clips that move, and `quality_bar` checks the issue's bar. The same
+calls' earlier video stages (Dt's base clip, F's, SR_l's) are read too, upsampled to the final size
+(`stage_trace`, `stage_reading`): where along the cascade a figure is lost, at no extra sampling.
 
 FVD here uses `model.metrics.RandomVideoExtractor`: a relative, in-project figure (smaller is closer to the
 world's own videos) that compares runs with each other, never with published I3D FVDs. CLIPSIM uses the
@@ -187,11 +189,14 @@ def aggregate(rows: Sequence[dict], lineage: dict | None = None) -> dict:
 
 def summary_metrics(summary: dict) -> dict[str, float]:
     """Flat MLflow metrics: eval/<score> for all videos, eval/held_out/<score>, eval/seen/<score>, and
-    eval/quality_bar (1 passed, 0 failed); eval/fvd and eval/clipsim when present."""
+    eval/quality_bar (1 passed, 0 failed); eval/fvd, eval/clipsim and eval/stages/<stage>/<score>
+    (`stage_reading`) when present."""
     out = {f"eval/{k}": v for k, v in summary["all"].items()}
     for name in ("held_out", "seen"):
         out.update({f"eval/{name}/{k}": v for k, v in summary.get(name, {}).items()})
     out.update({f"eval/{k}": summary[k] for k in ("fvd", "clipsim") if summary.get(k) is not None})
+    for stage, scores in summary.get("stages", {}).items():
+        out.update({f"eval/stages/{stage}/{k}": v for k, v in scores.items()})
     if "lineage" in summary:
         out["eval/video_text_samples"] = float(summary["lineage"]["text_samples"])
     out["eval/quality_bar"] = float(summary["quality_bar"]["passed"])
@@ -216,6 +221,10 @@ def format_table(rows: Sequence[dict], summary: dict) -> str:
     extra += [f"CLIPSIM {summary['clipsim']:.4f}"] if "clipsim" in summary else []
     if extra:
         lines.append("  " + "   ".join(extra))
+    if len(summary.get("stages", {})) > 1:
+        lines.append("  by stage (faithful / consist / shape; earlier stages read after a bilinear upsample): "
+                     + ", ".join(f"{stage} {g['prompt_faithfulness']:.2f} / {g['temporal_consistency']:.2f} / "
+                                 f"{g['shape_accuracy']:.2f}" for stage, g in summary["stages"].items()))
     bar = summary["quality_bar"]
     checks = ", ".join(f"{k} {c['value']:.2f} {'>=' if c['passed'] else '<'} {c['min']}"
                        for k, c in bar["checks"].items() if "min" in c)
@@ -269,14 +278,16 @@ def load_reference_videos(world_dir: str | Path, frames: int, side: int, seconds
 # --- the stage ----------------------------------------------------------------------------------------
 
 def _generate(cascade: Any, prompts: Sequence[PromptSpec], samples: int, seed: int, stop_at: str | None,
-              fps: float, batch_size: int) -> tuple[np.ndarray, list[PromptSpec], list[dict], float]:
-    """(videos (N, F, H, W, 3) uint8, their prompts, per-video sample info, output fps). Sample s of
-    batch k uses seed + 1000 * s + k, so a video depends only on its prompt, batch and sample."""
+              fps: float, batch_size: int
+              ) -> tuple[np.ndarray, list[PromptSpec], list[dict], float, dict[str, np.ndarray]]:
+    """(videos (N, F, H, W, 3) uint8, their prompts, per-video sample info, output fps, `stage_trace`: the
+    earlier video stages' outputs of the same calls). Sample s of batch k uses seed + 1000 * s + k, so a
+    video depends only on its prompt, batch and sample."""
     from tqdm.auto import tqdm
 
     from model.cascade import text_to_video, to_uint8
 
-    videos, specs, info, out_fps = [], [], [], fps
+    videos, specs, info, out_fps, trace = [], [], [], fps, {}
     # One bar over the whole stage (the demo's is ~30 min on a 2-core CPU); the cascade's own bars stay off.
     with tqdm(total=samples * len(prompts), desc="evaluation videos", unit="video") as bar:
         for s in range(samples):
@@ -285,11 +296,41 @@ def _generate(cascade: Any, prompts: Sequence[PromptSpec], samples: int, seed: i
                 call_seed = seed + 1000 * s + k
                 result = text_to_video(cascade, [p.text for p in batch], fps, call_seed, stop_at, progress=False)
                 videos.append(to_uint8(result[result.last_stage]).numpy())
+                for stage, video in stage_trace(result).items():
+                    trace.setdefault(stage, []).append(video)
                 out_fps = result.fps[result.last_stage]
                 specs += batch
                 info += [{"sample": s, "seed": call_seed, "stage": result.last_stage} for _ in batch]
                 bar.update(len(batch))
-    return np.concatenate(videos), specs, info, out_fps
+    return np.concatenate(videos), specs, info, out_fps, {k: np.concatenate(v) for k, v in trace.items()}
+
+
+def stage_trace(result: Any) -> dict[str, np.ndarray]:
+    """The video stages a cascade call ran before its last one, each bilinearly upsampled to the last
+    stage's side (what a residual SR stage adds its difference to): {stage: (B, F, H, W, 3) uint8}. Read
+    by the evaluator beside the final videos, they show at which stage a prompt's figures change."""
+    from model.cascade import to_uint8
+    from model.layers import resize
+
+    last = result[result.last_stage]
+    side = last.shape[-1]
+    return {stage: to_uint8(resize(result[stage].float(), side).clamp(-1, 1)).numpy()
+            for stage in STAGES[1:] if stage in result.outputs and stage != result.last_stage}
+
+
+STAGE_SCORES = ("prompt_faithfulness", "temporal_consistency", "shape_accuracy", "colour_accuracy")
+
+
+def stage_reading(trace: dict[str, np.ndarray], specs: Sequence[PromptSpec], rows: Sequence[dict],
+                  last_stage: str, cfg: EvalConfig | None = None) -> dict[str, dict[str, float]]:
+    """Per video stage, in cascade order, the means of `STAGE_SCORES` over all videos: the earlier stages
+    from their `stage_trace` (upsampled), the last from the scored `rows`."""
+    out = {}
+    for stage, videos in trace.items():
+        scored = score_videos(videos, specs, cfg)
+        out[stage] = {k: float(np.mean([r[k] for r in scored])) for k in STAGE_SCORES}
+    out[last_stage] = {k: float(np.mean([r[k] for r in rows])) for k in STAGE_SCORES}
+    return {stage: out[stage] for stage in STAGES if stage in out}
 
 
 SAMPLE_MIN_SIDE = 128  # evaluation GIFs are enlarged to at least this side before the watermark goes on
@@ -368,12 +409,14 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
     uri = resolve_tracking_uri(cfg, tracking_uri)
     started = time.perf_counter()
     cascade = load_cascade(cfg, weights, uri, stop_at=stop_at, device=device)
-    videos, specs, info, out_fps = _generate(cascade, specs, samples_per_prompt, seed, stop_at, fps, batch_size)
+    videos, specs, info, out_fps, trace = _generate(cascade, specs, samples_per_prompt, seed, stop_at, fps,
+                                                    batch_size)
     rows = [{**r, **i} for r, i in zip(score_videos(videos, specs, eval_cfg), info)]
     # The bar's premise, read off the runs behind the weights: the video stages' data carried no text.
     if lineage is None and weights == "mlflow":
         lineage = video_lineage(uri)
     summary = aggregate(rows, lineage)
+    summary["stages"] = stage_reading(trace, specs, rows, info[0]["stage"], eval_cfg)
     summary["clipsim"] = clipsim(cascade.clip, cascade.tokenizer, videos, [s.text for s in specs])
     if reference_videos is not None and len(reference_videos) >= 2 and len(videos) >= 2:
         summary["fvd"] = fvd(np.stack(reference_videos), videos, RandomVideoExtractor())
