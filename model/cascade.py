@@ -311,7 +311,8 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
                    target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """With `temporal.keyframe` set: the image decoder D draws one frame per row of `emb` (B, D) and the
     sampler hooks (`x_known`, `mask`) that hold it at its index of Dt's video `shape` (B, C, F, H, W), with
-    `temporal.keyframe_guidance` > 0 reconstruction guidance toward it (`known_guidance`), with
+    `temporal.keyframe_guidance` > 0 reconstruction guidance toward it (`known_guidance`; none in the last
+    `temporal.keyframe_guidance_stop` share of the schedule), with
     `temporal.keyframe_strength` < 1 also the start from it repeated over the frames (SDEdit's `x_init`,
     `strength`); {} without. D samples with its own sampler settings, as it does for an image.
 
@@ -329,8 +330,9 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
     video = image.new_zeros(shape)
     video[:, :, index] = image
     known = mask_from_indices([index], f).to(image.device)
-    hooks = {"x_known": video, "mask": known[None, None, :, None, None],
-             "known_guidance": cascade.cfg.temporal.keyframe_guidance}
+    stage_cfg = cascade.cfg.temporal
+    hooks = {"x_known": video, "mask": known[None, None, :, None, None], "known_guidance": stage_cfg.keyframe_guidance,
+             "known_guidance_min_t": round(stage_cfg.keyframe_guidance_stop * stage_cfg.diffusion.timesteps)}
     strength = cascade.cfg.temporal.keyframe_strength
     if strength < 1.0:
         hooks.update(x_init=image[:, :, None].expand(shape), strength=strength)

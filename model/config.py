@@ -140,6 +140,10 @@ class UNetStage(ConfigBase):
         "step also moves Dt's other frames toward what makes its own estimate of the key frame right, so they keep "
         "the key frame's object rather than only sitting beside it; one backward pass through Dt per step. 0: the "
         "key frame is held by replacement alone")
+    keyframe_guidance_stop: float = Field(
+        0.0, ge=0.0, le=1.0, description="temporal, with keyframe_guidance: the lowest-noise share of the schedule "
+        "sampled without it (steps at timesteps below this fraction of T): near the clean end the guidance step "
+        "goes straight into the frames, as speckle on the key frame's neighbours; the object is settled by then")
     keyframe_draws: int = Field(
         1, ge=1, description="temporal, with a keyframe: D draws this many key frames per base video and, of all "
         "the draws for one prompt, the `candidates` whose CLIP image embeddings are closest to the prompt's text "
@@ -249,8 +253,12 @@ def _toy() -> CascadeConfig:
         # D draws 4 key frames per candidate and the 4 of 16 closest to the text in CLIP space go to Dt: D's
         # key frames alone, the 16 evaluation prompts x 8 seeds, prompt's shape and colour in the best of
         # 1 / 4 / 16 draws by CLIP: 0.76 / 0.81 / 0.87 on session 26's weights, 0.92 / 0.96 / 0.96 on 25's.
+        # Guidance 40 down to the clean end speckles the key frame's two neighbours (frames 2 and 4 of every
+        # base clip on session 28's weights); without it in the last 30% of the schedule, the evaluation's
+        # first 8 base clips read 0.77 / 0.77 (faithful / consistent) against 0.75 / 0.64. docs/QUALITY.md.
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler, candidates=4,
-                           jump_penalty=0.3, keyframe="middle", keyframe_guidance=40.0, keyframe_draws=4),
+                           jump_penalty=0.3, keyframe="middle", keyframe_guidance=40.0, keyframe_guidance_stop=0.3,
+                           keyframe_draws=4),
         interpolation=UNetStage(net=unet.model_copy(update={"temporal": True, "extra_in_channels": 4}),
                                 sampler=interp_sampler, known_fill="linear", fill_strength=0.15),
         sr_low=UNetStage(net=sr.model_copy(update={"temporal": True}), diffusion=sr_diffusion, sampler=sr_sampler),

@@ -3,7 +3,7 @@
 Every sampler has the signature
     sample_X(model, schedule, shape_or_x_T, steps, model_kwargs=None, prediction="eps", generator=None,
              callback=None, progress=False, x_known=None, mask=None, denoised_fn=None, known_guidance=0.0,
-             device="cpu", ...)
+             known_guidance_min_t=0, device="cpu", ...)
 and returns the clean sample x0, shaped like x_T. `model(x_t, t, **model_kwargs)` gets t as a LongTensor
 (B,) of timestep indices (the convention of `model.diffusion`). For classifier-free guidance pass
 `cfg_model(...)` as the model (or use `sample`, which does it from a SamplerConfig).
@@ -23,7 +23,9 @@ Hooks, shared by all samplers, applied to the clean-data estimate x0 of every st
   Models", sec. 3.1): the unknown entries of x0 become x0 - (w * a_t / 2) * grad_{x_t} ||x_known - x0||^2
   over the known entries, so they move toward what makes the network's own estimate of the known ones right,
   not only sit beside them (replacement alone leaves them free to ignore the known frames). One backward pass
-  through the model per step; 0 (the default) is replacement alone.
+  through the model per step; 0 (the default) is replacement alone. `known_guidance_min_t` k: only the steps
+  at timestep indices >= k are guided; near the clean end the step goes straight into the sample, as
+  high-frequency speckle on the entries next to the known ones.
 - `callback(step, t, x, x0)` after every step, with x the new state and x0 this step's estimate.
 - `x_init`, `strength`: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with
   Stochastic Differential Equations"): the steps span the lowest round(strength*T) indices and the start
@@ -72,14 +74,17 @@ class _Denoiser:
 
     def __init__(self, model: Model, schedule: Schedule, model_kwargs: Mapping | None, prediction: Prediction,
                  x_known: torch.Tensor | None, mask: torch.Tensor | None, denoised_fn: DenoisedFn | None,
-                 known_guidance: float = 0.0):
+                 known_guidance: float = 0.0, known_guidance_min_t: int = 0):
         if (x_known is None) != (mask is None):
             raise ValueError("x_known and mask go together: pass both or neither")
         if known_guidance < 0 or (known_guidance and x_known is None):
             raise ValueError(f"known_guidance must be >= 0 and needs x_known and mask, got {known_guidance}")
+        if not 0 <= known_guidance_min_t <= schedule.timesteps:
+            raise ValueError(f"known_guidance_min_t must be in 0..{schedule.timesteps}, got {known_guidance_min_t}")
         self.model, self.schedule, self.prediction = model, schedule, prediction
         self.kwargs = dict(model_kwargs or {})
         self.x_known, self.denoised_fn, self.guidance = x_known, denoised_fn, float(known_guidance)
+        self.guidance_min_t = known_guidance_min_t
         self.known = None if mask is None else mask.to(torch.bool)
 
     def start(self, noise: torch.Tensor, t: int, x_init: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +100,7 @@ class _Denoiser:
     def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, s = self.schedule.alpha_sigma_at(t)
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-        out, x0 = self._estimate(x, t_batch, a, s)
+        out, x0 = self._estimate(x, t_batch, a, s, self.guidance if t >= self.guidance_min_t else 0.0)
         if self.denoised_fn is None and self.known is None:
             return x0, output_to_eps(self.prediction, out, x, a, s)
         if self.denoised_fn is not None:
@@ -104,21 +109,21 @@ class _Denoiser:
             x0 = torch.where(self.known.to(x0.device), self.x_known.to(x0), x0)
         return x0, eps_from_x0(x0, x, a, s)
 
-    def _estimate(self, x: torch.Tensor, t_batch: torch.Tensor, a: float, s: float
+    def _estimate(self, x: torch.Tensor, t_batch: torch.Tensor, a: float, s: float, guidance: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(network output, x0 estimate); with `known_guidance`, x0 moved by reconstruction guidance (its known
+        """(network output, x0 estimate); with reconstruction `guidance` > 0, x0 moved by it (its known
         entries are replaced by the caller afterwards, so the step applies everywhere)."""
-        with torch.enable_grad() if self.guidance else contextlib.nullcontext():
-            x_in = x.detach().requires_grad_(True) if self.guidance else x
+        with torch.enable_grad() if guidance else contextlib.nullcontext():
+            x_in = x.detach().requires_grad_(True) if guidance else x
             out = self.model(x_in, t_batch, **self.kwargs).to(x.dtype)
             if out.shape != x.shape:
                 raise ValueError(f"model output {tuple(out.shape)} does not match x {tuple(x.shape)}")
             x0 = output_to_x0(self.prediction, out, x_in, a, s)
-            if not self.guidance:
+            if not guidance:
                 return out, x0
             error = ((x0 - self.x_known.to(x0)) ** 2 * self.known.to(x0)).sum()
             grad, = torch.autograd.grad(error, x_in)
-        return out.detach(), x0.detach() - (self.guidance * a / 2) * grad
+        return out.detach(), x0.detach() - (guidance * a / 2) * grad
 
 
 def _initial_noise(shape_or_x_T: Sequence[int] | torch.Tensor, generator: torch.Generator | None,
@@ -151,7 +156,7 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 model_kwargs: Mapping | None = None, prediction: Prediction = "eps",
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0,
+                denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0, known_guidance_min_t: int = 0,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
                 x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 "Denoising Diffusion Probabilistic Models", Algorithm 2.
@@ -160,7 +165,8 @@ def sample_ddpm(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
     sqrt(ab_s) b/(1-ab_t) x0_hat + sqrt(1-b) (1-ab_s)/(1-ab_t) x_t and the "fixed small" variance
     b (1-ab_s)/(1-ab_t), where b = 1 - ab_t/ab_s (for steps == T, b is the schedule's beta_t).
     With steps < T this is the respaced DDPM of Nichol & Dhariwal 2021. The last step returns the mean."""
-    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance)
+    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance,
+                        known_guidance_min_t)
     ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
@@ -181,7 +187,7 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
                 model_kwargs: Mapping | None = None, prediction: Prediction = "eps",
                 generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
                 x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0,
+                denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0, known_guidance_min_t: int = 0,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, eta: float = 0.0,
                 frame_share: float = 0.0, x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Song, Meng & Ermon 2021 "Denoising Diffusion Implicit Models", eq. 12 with sigma from eq. 16:
@@ -190,7 +196,8 @@ def sample_ddim(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int] | 
     sigma = eta sqrt((1-ab_s)/(1-ab_t)) sqrt(1 - ab_t/ab_s).
     eta = 0 is the deterministic DDIM (a first-order solver of the probability-flow ODE); eta = 1 matches
     the DDPM posterior."""
-    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance)
+    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance,
+                        known_guidance_min_t)
     ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     for i, t in enumerate(_progress(ts, progress)):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
@@ -210,7 +217,7 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
                     model_kwargs: Mapping | None = None, prediction: Prediction = "eps",
                     generator: torch.Generator | None = None, callback: Callback | None = None,
                     progress: bool = False, x_known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                    denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0,
+                    denoised_fn: DenoisedFn | None = None, known_guidance: float = 0.0, known_guidance_min_t: int = 0,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, frame_share: float = 0.0,
                     x_init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
@@ -220,7 +227,8 @@ def sample_dpmpp_2m(model: Model, schedule: Schedule, shape_or_x_T: Sequence[int
     x_s = (s_s/s_t) x_t - a_s (exp(-h) - 1) D,  D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_prev,
     r = h_prev / h; the first step uses D = x0_hat_t (DPM-Solver++(1) = DDIM). As in k-diffusion, the
     final step to the clean data (s = 0) returns x0_hat. Deterministic given x_T."""
-    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance)
+    denoise = _Denoiser(model, schedule, model_kwargs, prediction, x_known, mask, denoised_fn, known_guidance,
+                        known_guidance_min_t)
     ts, x = _begin(denoise, schedule, shape_or_x_T, steps, generator, device, dtype, frame_share, x_init, strength)
     x0_prev, h_prev = None, None
     for i, t in enumerate(_progress(ts, progress)):

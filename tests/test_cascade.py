@@ -229,6 +229,13 @@ def test_keyframe_is_the_decoders_image_held_in_dts_video(cascade):
                 for c in (cfg, guided_cfg)]
         assert torch.equal(runs[1][:, :, index], image)
         assert torch.allclose(runs[0], runs[1], atol=1e-5) is not mixing
+    # keyframe_guidance_stop: the last share of the schedule unguided; all of it is no guidance at all.
+    for stop in (1.0, 0.5):
+        guided_cfg.temporal.keyframe_guidance_stop = stop
+        stopped = sample_temporal(dataclasses.replace(cascade, cfg=guided_cfg), emb, 8,
+                                  torch.Generator().manual_seed(5))
+        assert torch.equal(stopped[:, :, index], image)
+        assert torch.equal(stopped, runs[0]) is (stop == 1.0) and not torch.equal(stopped, runs[1])
     with pytest.raises(ValueError, match="keyframe_guidance"):
         type(cfg.temporal).model_validate({**cfg.temporal.model_dump(), "keyframe_guidance": -1.0})
 

@@ -128,7 +128,8 @@ def test_evaluate_cascade_logs_the_run(store, world, tmp_path, capsys):
     stages = result["summary"]["stages"]
     assert list(stages) == ["temporal", "interpolation", "sr_low", "sr_high"]
     assert stages["sr_high"]["temporal_consistency"] == pytest.approx(result["summary"]["all"]["temporal_consistency"])
-    assert metrics["eval/stages/temporal/prompt_faithfulness"] == pytest.approx(stages["temporal"]["prompt_faithfulness"])
+    temporal = stages["temporal"]["prompt_faithfulness"]
+    assert metrics["eval/stages/temporal/prompt_faithfulness"] == pytest.approx(temporal)
 
     captured = capsys.readouterr()
     printed = captured.out

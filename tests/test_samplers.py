@@ -2,6 +2,8 @@
 so a correct sampler must return samples with mean mu and std sigma."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -87,6 +89,41 @@ def test_known_frames_are_kept_exactly(schedule, name):
     assert steps == timestep_sequence(1000, 8)
 
 
+def still_video_denoiser(schedule):
+    """The exact x0 denoiser of a world of still videos (every frame the same z ~ N(0, I))."""
+    def still_videos(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = schedule.alpha_sigma_at(int(t[0]))
+        return (a * x.sum(dim=2, keepdim=True) / (a * a * x.shape[2] + s * s)).expand_as(x)
+    return still_videos
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_reconstruction_guidance_stops_below_its_min_t(schedule, name):
+    """`known_guidance_min_t` k: the steps at indices >= k take the backward pass and move the sample, the
+    ones below do not; k = T is no guidance at all, bit for bit."""
+    still_videos = still_video_denoiser(schedule)
+    guided: dict[int, bool] = {}
+
+    def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        guided[int(t[0])] = x.requires_grad
+        return still_videos(x, t)
+
+    x_known = torch.rand(4, 3, 5, 4, 4) * 2 - 1
+    mask = torch.zeros(1, 1, 5, 1, 1)
+    mask[:, :, 2] = 1
+    run = partial(SAMPLERS[name], schedule=schedule, shape_or_x_T=x_known.shape, steps=10, prediction="x0",
+                  x_known=x_known, mask=mask)
+    cut = run(recording, generator=torch.Generator().manual_seed(0), known_guidance=5.0, known_guidance_min_t=300)
+    assert guided == {t: t >= 300 for t in timestep_sequence(1000, 10)} and any(guided.values())
+    plain = run(still_videos, generator=torch.Generator().manual_seed(0))
+    full = run(still_videos, generator=torch.Generator().manual_seed(0), known_guidance=5.0)
+    never = run(still_videos, generator=torch.Generator().manual_seed(0), known_guidance=5.0,
+                known_guidance_min_t=1000)
+    assert torch.equal(never, plain) and not torch.allclose(cut, plain) and not torch.allclose(cut, full)
+    with pytest.raises(ValueError, match="known_guidance_min_t"):
+        run(still_videos, known_guidance=5.0, known_guidance_min_t=1001)
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_reconstruction_guidance_makes_unknown_frames_follow_the_known_one(schedule, name):
     """`known_guidance` on a world of still videos (every frame the same z ~ N(0, I)), whose exact denoiser
@@ -94,10 +131,7 @@ def test_reconstruction_guidance_makes_unknown_frames_follow_the_known_one(sched
     is every frame equal to it. Replacement alone leaves the other frames far from it (the known frame is
     one vote of five in the denoiser); reconstruction guidance brings them to it, the known frame still
     exact."""
-    def still_videos(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = schedule.alpha_sigma_at(int(t[0]))
-        return (a * x.sum(dim=2, keepdim=True) / (a * a * x.shape[2] + s * s)).expand_as(x)
-
+    still_videos = still_video_denoiser(schedule)
     x_known = torch.rand(16, 3, 5, 4, 4) * 2 - 1  # (B, C, F, H, W)
     mask = torch.zeros(1, 1, 5, 1, 1)
     mask[:, :, 2] = 1
