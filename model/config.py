@@ -254,8 +254,10 @@ def _toy() -> CascadeConfig:
         # key frames alone, the 16 evaluation prompts x 8 seeds, prompt's shape and colour in the best of
         # 1 / 4 / 16 draws by CLIP: 0.76 / 0.81 / 0.87 on session 26's weights, 0.92 / 0.96 / 0.96 on 25's.
         # Guidance 40 down to the clean end speckles the key frame's two neighbours (frames 2 and 4 of every
-        # base clip on session 28's weights); without it in the last 30% of the schedule, the evaluation's
-        # first 8 base clips read 0.77 / 0.77 (faithful / consistent) against 0.75 / 0.64. docs/QUALITY.md.
+        # base clip on session 28's weights); without it in the last 30% of the schedule the speckle is gone
+        # (the evaluation's first 8 base clips 0.77 / 0.77 faithful / consistent against 0.75 / 0.64), the 32
+        # videos after sr_high read the same (0.82 / 0.86 / 0.97 against 0.81 / 0.86 / 1.00: F and the SR
+        # stages had smoothed it over) and Dt samples 30% fewer backward passes. docs/QUALITY.md, session 29.
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler, candidates=4,
                            jump_penalty=0.3, keyframe="middle", keyframe_guidance=40.0, keyframe_guidance_stop=0.3,
                            keyframe_draws=4),
