@@ -323,17 +323,17 @@ def keyframe_hooks(cascade: Cascade, emb: torch.Tensor, shape: Sequence[int], ge
     if index is None:
         return {}
     b, c, f, h, w = shape
-    m = cascade.cfg.temporal.keyframe_draws if target is not None else 1
+    stage_cfg = cascade.cfg.temporal
+    m = stage_cfg.keyframe_draws if target is not None else 1
     image = decode_images(cascade, emb.repeat_interleave(m, dim=0), generator)  # (B*m, C, H, W)
     if m > 1:
         image = keyframe_ranked(cascade, image, target, b // target.shape[0])
     video = image.new_zeros(shape)
     video[:, :, index] = image
     known = mask_from_indices([index], f).to(image.device)
-    stage_cfg = cascade.cfg.temporal
     hooks = {"x_known": video, "mask": known[None, None, :, None, None], "known_guidance": stage_cfg.keyframe_guidance,
              "known_guidance_min_t": round(stage_cfg.keyframe_guidance_stop * stage_cfg.diffusion.timesteps)}
-    strength = cascade.cfg.temporal.keyframe_strength
+    strength = stage_cfg.keyframe_strength
     if strength < 1.0:
         hooks.update(x_init=image[:, :, None].expand(shape), strength=strength)
     return hooks
