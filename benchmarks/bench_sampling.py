@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.cascade import (Cascade, build_cascade, interpolate_frames, sample_prior, sample_temporal,  # noqa: E402
-                           super_resolve_high, super_resolve_low)
+from model.cascade import Cascade, build_cascade  # noqa: E402
+from model.cascade_stages import (interpolate_frames, sample_prior, sample_temporal, super_resolve_high,  # noqa: E402
+                                  super_resolve_low)
 from model.config import CascadeConfig, cascade_preset  # noqa: E402
 from model.frames import interpolation_mask, plan_windows, mask_from_indices  # noqa: E402
 from model.networks import count_parameters  # noqa: E402

@@ -6,13 +6,12 @@ value fails with a message that names the field, e.g. `train.decoder.lr: Input s
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from model.config import CascadeConfig, ConfigBase, cascade_preset
 from pipelines.images.filters import ImageFilterConfig, PixelFilterConfig
@@ -40,11 +39,6 @@ class ImageDataConfig(ConfigBase):
         "auto", description="auto: ray when RAY_ADDRESS is set, else multiprocessing")
 
 
-# Settings of VideoDataConfig since retired, with the defaults they had: saved configs that hold them still
-# load (the keys are dropped), and video jobs started under them still resume (pipelines/flows/videos.py).
-RETIRED_VIDEO_SETTINGS = {"fps_min": 1, "fps_max": 30}
-
-
 class VideoDataConfig(ConfigBase):
     clip_size: int = Field(64, ge=8, description="clips are cut and scaled to this side (even: H.264 yuv420p)")
     samples_per_shard: int = Field(100, ge=1)
@@ -53,19 +47,6 @@ class VideoDataConfig(ConfigBase):
     retries: int = Field(1, ge=0)
     distributor: Literal["auto", "local", "multiprocessing", "ray"] = Field(
         "auto", description="auto: ray when RAY_ADDRESS is set, a process pool for several shards, else in-process")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _retired_fps(cls, data: Any) -> Any:
-        """`fps_min` / `fps_max` were never read here (the flow keeps each clip's own frame rate); the clip
-        frame rate a stage trains on is `train.<stage>.fps_min / fps_max / fps_mean`. Configs saved with them
-        (earlier runs' config.yaml) still load: the keys are dropped with a warning."""
-        if isinstance(data, dict) and RETIRED_VIDEO_SETTINGS.keys() & data.keys():
-            data = {k: v for k, v in data.items() if k not in RETIRED_VIDEO_SETTINGS}
-            warnings.warn("data.videos.fps_min / fps_max are ignored (the video flow keeps each clip's frame "
-                          "rate); set the training clips' rate with train.<stage>.fps_min / fps_max / fps_mean",
-                          FutureWarning, stacklevel=2)
-        return data
 
     @field_validator("clip_size")
     @classmethod

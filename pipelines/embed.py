@@ -29,19 +29,20 @@ from typing import Any, Iterator, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from model.clip import build_clip, encode_images, encode_text
 from model.config import ClipConfig
 from model.precision import autocast_context, default_precision
-from pipelines.manifest import ManifestError, join, read_manifest, sha256_file
+from pipelines.manifest import ManifestError
 from pipelines.pixel_filters import HEADS, PixelFilterConfig, filter_identity, keep_mask, load_heads, score
+from training.storage import EMBEDDINGS, IMAGE_EXTENSIONS, embeddings_path, join, read_manifest, sha256_file
 
-EMBEDDINGS = "embeddings"
 INDEX = "embeddings.json"
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 FROM_SCRATCH_SEED = 0  # a CLIP without weights is initialised from this seed, the same in every actor
 
 
@@ -64,14 +65,12 @@ def decode_samples(batch: dict[str, np.ndarray], image_size: int) -> dict[str, n
 
     Each image is resized on its own, exactly as `model.clip.prepare_images` does (bicubic, antialiased,
     no crop), so shards with mixed sizes batch and the result equals `encode_images` on that image."""
-    from PIL import Image
-
     keys = batch["__key__"]
     pixels = np.empty((len(keys), 3, image_size, image_size), np.float32)
     for i, key in enumerate(keys):
-        data = next((batch[s][i] for s in IMAGE_SUFFIXES if s in batch and isinstance(batch[s][i], bytes)), None)
+        data = next((batch[s][i] for s in IMAGE_EXTENSIONS if s in batch and isinstance(batch[s][i], bytes)), None)
         if data is None:
-            raise ValueError(f"{batch['__url__'][i]}: sample {key!r} has no image ({'/'.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"{batch['__url__'][i]}: sample {key!r} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
         try:
             with Image.open(io.BytesIO(data)) as img:
                 x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)[None]  # (1, 3, H, W)
@@ -141,11 +140,6 @@ def _shard_table(parts: list[dict[str, np.ndarray]], dim: int, filters: bool) ->
     return pa.table(data, schema=embedding_schema(dim, filters))
 
 
-def output_name(shard: str) -> str:
-    """`shards/00000.tar` -> `embeddings/00000.parquet`."""
-    return join(EMBEDDINGS, shard.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".parquet")
-
-
 def _read_index(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
     if not fs.exists(path):
         return None
@@ -169,7 +163,7 @@ def _pending(fs: fsspec.AbstractFileSystem, root: str, shards: list[dict], index
     """Shards whose parquet is absent or whose index entry is missing or counts other samples; their
     entries leave the index, so a run killed before rewriting them never counts them as done."""
     pending = [s for s in shards if index["shards"].get(s["name"]) != s["samples"]
-               or not fs.exists(join(root, output_name(s["name"])))]
+               or not fs.exists(embeddings_path(root, s["name"]))]
     for shard in pending:
         index["shards"].pop(shard["name"], None)
         index.get("pixel_kept", {}).pop(shard["name"], None)
@@ -179,7 +173,7 @@ def _pending(fs: fsspec.AbstractFileSystem, root: str, shards: list[dict], index
 @contextlib.contextmanager
 def _ray_cluster() -> Iterator[Any]:
     """The running Ray cluster, else a local one started here and shut down afterwards."""
-    import ray
+    import ray  # seconds to import: only when a shard needs embedding, not for a run that skips them all
 
     started = not ray.is_initialized()
     if started:
@@ -203,12 +197,10 @@ def _resolve_gpu(ray: Any, use_gpu: bool | Literal["auto"]) -> bool:
 def _dataset(ray: Any, fs: fsspec.AbstractFileSystem, paths: list[str], clip: ClipConfig,
              filters: PixelFilterConfig | None, *, batch_size: int, gpu: bool, concurrency: int | None) -> Any:
     """The Ray Data pipeline: read tars -> decode on CPU tasks -> embed in an actor pool."""
-    import pyarrow.fs as pafs
-
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = concurrency or (int(ray.cluster_resources()["GPU"]) if gpu else max(1, cpus // 2))
     ds = ray.data.read_webdataset(paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), decoder=None,
-                                  suffixes=[*IMAGE_SUFFIXES, "txt"])
+                                  suffixes=[*IMAGE_EXTENSIONS, "txt"])
     ds = ds.map_batches(decode_samples, fn_kwargs={"image_size": clip.image_size}, batch_size=batch_size,
                         batch_format="numpy")
     return ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"clip": clip, "filters": filters,
@@ -223,7 +215,7 @@ def _write_shard(fs: fsspec.AbstractFileSystem, root: str, shard: dict, parts: l
     table = _shard_table(parts, index["dim"], bool(index["pixel_filters"]))
     if len(set(table["key"].to_pylist())) != len(table):
         raise ManifestError(f"{shard['name']}: sample keys repeat in the tar")
-    with fs.open(join(root, output_name(shard["name"])), "wb") as fh:
+    with fs.open(embeddings_path(root, shard["name"]), "wb") as fh:
         pq.write_table(table, fh)
     index["shards"][shard["name"]] = len(table)
     if index["pixel_filters"]:

@@ -11,13 +11,15 @@ import datetime as dt
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-MANIFEST = "manifest.json"
+from training.storage import MANIFEST, hash_settings, join, sha256_file
+
 OUTCOMES = "outcomes.parquet"
 STATUSES = ("written", "filtered", "failed")
 OUTCOME_SCHEMA = pa.schema([
@@ -34,28 +36,12 @@ class ManifestError(ValueError):
     """A dataset folder that does not match what is asked of it (changed inputs, lost rows)."""
 
 
-def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def hash_inputs(paths: Iterable[str]) -> str:
     """One hash over the inputs' contents, in the given order."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
-
-
-def hash_settings(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_outcomes(outcomes: pa.Table, n_inputs: int) -> dict[str, int]:
@@ -75,10 +61,10 @@ def check_outcomes(outcomes: pa.Table, n_inputs: int) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def shard_entries(fs: fsspec.AbstractFileSystem, root: str, names: list[str],
-                  samples: dict[str, int]) -> list[dict[str, Any]]:
-    return [{"name": n, "samples": samples.get(n, 0), "sha256": sha256_file(fs.unstrip_protocol(join(root, n)))}
-            for n in sorted(names)]
+def shard_entries(root: str, samples: dict[str, int]) -> list[dict[str, Any]]:
+    """The manifest's shard list: each tar of `root`/shards (name -> sample count) with its sha256."""
+    return [{"name": f"shards/{name}", "samples": samples[name], "sha256": sha256_file(join(root, "shards", name))}
+            for name in sorted(samples)]
 
 
 def write_manifest(root: str, *, kind: str, inputs: list[str], inputs_hash: str, settings: dict[str, Any],
@@ -105,26 +91,14 @@ def write_manifest(root: str, *, kind: str, inputs: list[str], inputs_hash: str,
     return manifest
 
 
-def read_manifest(root: str) -> dict:
-    path = join(root, MANIFEST)
-    try:
-        with fsspec.open(path, "r") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no dataset manifest at {path}") from None
-
-
 JOB = "_work/job.json"
 
 
-def open_job(root: str, *, kind: str, inputs_hash: str, settings: dict[str, Any], overwrite: bool = False,
-             earlier_forms: Sequence[dict[str, Any]] = ()) -> bool:
+def open_job(root: str, *, kind: str, inputs_hash: str, settings: dict[str, Any], overwrite: bool = False) -> bool:
     """Start or resume the dataset job in `root`. Returns True when resuming.
 
     Changed inputs or settings are detected, never silently mixed: they raise unless `overwrite`,
-    which clears the folder first. `earlier_forms`: the same settings as an earlier version of the code
-    wrote them (a setting since retired); a job started under one of them resumes, and its job record
-    takes the current form.
+    which clears the folder first.
     """
     fs, path = fsspec.core.url_to_fs(root)
     job = {"kind": kind, "inputs_hash": inputs_hash, "settings_hash": hash_settings(settings)}
@@ -133,10 +107,6 @@ def open_job(root: str, *, kind: str, inputs_hash: str, settings: dict[str, Any]
         with fs.open(job_path, "r") as fh:
             old = json.load(fh)
         if old == job:
-            return True
-        if any(old == {**job, "settings_hash": hash_settings(form)} for form in earlier_forms):
-            with fs.open(job_path, "w") as fh:
-                json.dump(job, fh)
             return True
         if not overwrite:
             changed = [k for k in ("kind", "inputs_hash", "settings_hash") if old.get(k) != job[k]]
@@ -152,8 +122,6 @@ def open_job(root: str, *, kind: str, inputs_hash: str, settings: dict[str, Any]
 
 
 def write_outcomes(root: str, outcomes: pa.Table) -> None:
-    import pyarrow.parquet as pq
-
     with fsspec.open(join(root, OUTCOMES), "wb") as fh:
         pq.write_table(outcomes.sort_by("row_id"), fh)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from model.cascade import animate_image, build_cascade, interpolate_images, text_to_video, vary_video
+from model.cascade import build_cascade
+from model.cascade_uses import animate_image, interpolate_images, text_to_video, vary_video
 from model.config import SamplerConfig, cascade_preset
 
 GOLDEN = Path(__file__).parent / "data" / "golden_tiny.safetensors"

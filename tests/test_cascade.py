@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from model.cascade import (STAGE_ORDER, _sample_stage, animate_image, build_cascade, frame_jumps, frame_similarity,
-                           image_embedding, interpolate_images, keyframe_hooks, keyframe_index, sample_masked,
-                           sample_prior, sample_temporal, text_embedding,
-                           stage_network, stage_seed, stages_needed, super_resolve_high, super_resolve_low,
-                           text_to_video, to_base, vary_video, video_embedding)
+from model.cascade import STAGE_ORDER, build_cascade, stage_network, stage_seed, stages_needed
+from model.cascade_stages import (decode_images, frame_jumps, frame_similarity, image_embedding, keyframe_hooks,
+                                  keyframe_index, sample_masked, sample_prior, sample_temporal, super_resolve_high,
+                                  super_resolve_low, text_embedding, video_embedding)
+from model.cascade_uses import animate_image, interpolate_images, text_to_video, to_base, vary_video
 from model.clip import tokenize
 from model.config import cascade_preset
 from model.frames import linear_fill, mask_from_indices, spread_indices
@@ -193,8 +193,7 @@ def test_keyframe_is_the_decoders_image_held_in_dts_video(cascade):
         cfg = cascade.cfg.model_copy(deep=True)
         cfg.temporal.keyframe = keyframe
         video = sample_temporal(dataclasses.replace(cascade, cfg=cfg), emb, 8, torch.Generator().manual_seed(5))
-        image = _sample_stage(cascade, "decoder", (2, s.channels, s.base_size, s.base_size), {"cond_emb": emb},
-                              torch.Generator().manual_seed(5), None)
+        image = decode_images(cascade, emb, torch.Generator().manual_seed(5))
         assert keyframe_index(keyframe, s.frames) == index
         assert video.shape == plain.shape and torch.equal(video[:, :, index], image)
         assert not torch.equal(video[:, :, index], plain[:, :, index])
@@ -257,8 +256,7 @@ def test_keyframe_draws_give_the_candidates_the_draws_closest_to_the_text(cascad
     drawn = dataclasses.replace(cascade, cfg=cfg)
     index = keyframe_index("middle", s.frames)
     shape = (len(prompts) * k, s.channels, s.frames, s.base_size, s.base_size)
-    draws = _sample_stage(cascade, "decoder", (len(prompts) * k * m, *shape[1:2], *shape[3:]),
-                          {"cond_emb": emb.repeat_interleave(k * m, dim=0)}, torch.Generator().manual_seed(5), None)
+    draws = decode_images(cascade, emb.repeat_interleave(k * m, dim=0), torch.Generator().manual_seed(5))
     scores = torch.einsum("pnd,pd->pn", image_embedding(cascade, draws).view(len(prompts), k * m, -1), target)
     order = scores.argsort(dim=1, descending=True)
     grouped = draws.view(len(prompts), k * m, *draws.shape[1:])
@@ -274,8 +272,7 @@ def test_keyframe_draws_give_the_candidates_the_draws_closest_to_the_text(cascad
                          torch.Generator().manual_seed(5), target)
     assert torch.equal(plain["x_known"], one["x_known"]) and plain["x_known"].shape == shape
     # one candidate: Dt's video holds each prompt's best of its m draws at the key index
-    single = _sample_stage(cascade, "decoder", (len(prompts) * m, *shape[1:2], *shape[3:]),
-                           {"cond_emb": emb.repeat_interleave(m, dim=0)}, torch.Generator().manual_seed(5), None)
+    single = decode_images(cascade, emb.repeat_interleave(m, dim=0), torch.Generator().manual_seed(5))
     top = torch.einsum("pnd,pd->pn", image_embedding(cascade, single).view(len(prompts), m, -1), target).argmax(1)
     video = sample_temporal(drawn, emb, 8, torch.Generator().manual_seed(5), target=target)
     torch.testing.assert_close(video[:, :, index], single.view(len(prompts), m, *single.shape[1:])[

@@ -62,17 +62,3 @@ def test_unknown_field_and_preset_are_named():
         load_config("huge")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config("tiny", overrides=["world.seed"])
-
-
-def test_a_saved_config_with_the_retired_video_fps_keys_loads_with_a_warning(tmp_path):
-    """data.videos.fps_min / fps_max were never read; configs saved with them (earlier runs) still load, the
-    keys are dropped with a warning that points at train.<stage>.fps_*, and a fresh dump no longer has them."""
-    saved = yaml.safe_load(dump_config(load_config("tiny")))
-    saved["data"]["videos"].update(fps_min=1, fps_max=30)
-    path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump(saved))
-    with pytest.warns(FutureWarning, match=r"train\.<stage>\.fps_min"):
-        cfg = load_config(path=path)
-    assert cfg == load_config("tiny")
-    dump_config(cfg, tmp_path / "again.yaml")
-    assert "fps_min" not in yaml.safe_load((tmp_path / "again.yaml").read_text())["data"]["videos"]

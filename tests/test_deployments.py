@@ -25,8 +25,8 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.schema_tools import validate
 
 from pipelines.config import load_config
-from pipelines.manifest import read_manifest
 from pipelines.world import rebase_world, serve_world, world_preset
+from training.storage import read_manifest
 from _procs import kill_session, session_pids
 
 pytestmark = pytest.mark.slow

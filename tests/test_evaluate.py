@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.evaluate import (EvalConfig, Prompt, as_frames, background_shift, detect_object, evaluate_video,
-                                evaluate_videos, parse_prompt, read_back)
-from pipelines.flows.evaluate import viewing_size
-from pipelines.generate import write_outputs
+from pipelines.evaluation.prompts import Prompt, parse_prompt
+from pipelines.evaluation.run import viewing_size
+from pipelines.evaluation.scorer import (EvalConfig, as_frames, background_shift, detect_object, evaluate_video,
+                                         evaluate_videos, read_back)
+from pipelines.outputs import write_outputs
 from pipelines.watermark import WatermarkConfig, watermark_mask
 from pipelines.world import generate_world, world_preset
 from pipelines.world.config import BACKGROUNDS, COLOURS
@@ -157,8 +158,8 @@ def test_a_delivered_video_is_read_back_as_a_viewer_gets_it(world, tmp_path):
 
 
 def test_an_object_under_the_watermark_label_is_read_from_what_shows(tmp_path):
-    """A large red circle low on the right runs under the watermark's dark label at 128 px (session 25's
-    demo video): read with the label, the box joins the circle and the whole reads as another shape; told
+    """A large red circle low on the right runs under the watermark's dark label at 128 px (as in a demo
+    video): read with the label, the box joins the circle and the whole reads as another shape; told
     which mark the file carries, `read_back` leaves the label's pixels out and reads a circle in every frame."""
     side, background = 128, BACKGROUNDS["blue"]
     frames = np.stack([render(side, background, "circle", COLOURS["red"], 0.70 * side + 0.3 * i, 0.76 * side, 28)

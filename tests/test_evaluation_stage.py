@@ -17,10 +17,11 @@ from PIL import Image
 from model.cascade import CascadeOutput, build_cascade, stages_needed, to_uint8
 from model.checkpoint import save_weights
 from pipelines.config import preset_config
-from pipelines.evaluate import parse_prompt
-from pipelines.flows.evaluate import (QUALITY_BAR, PromptSpec, add_evaluate_commands, aggregate, evaluate_cascade,
-                                     held_out_combinations, load_reference_videos, output_shape, prompt_set,
-                                     score_videos, stage_reading, stage_trace, viewing_size, world_config)
+from pipelines.cli.evaluate import add_evaluate_commands
+from pipelines.evaluation.aggregate import QUALITY_BAR, aggregate, score_videos, stage_reading
+from pipelines.evaluation.prompts import PromptSpec, held_out_combinations, parse_prompt, prompt_set, world_config
+from pipelines.evaluation.references import load_reference_videos, output_shape
+from pipelines.evaluation.run import evaluate_cascade, stage_trace, viewing_size
 from pipelines.world import generate_world, world_preset
 from training.tracking import MlflowTracker
 
@@ -169,12 +170,11 @@ def test_the_worlds_own_videos_pass_the_bar(world):
 
 
 def test_cli_runs_the_flow_body_on_a_world(store, world, tmp_path, capsys):
-    from pipelines.cli import _add_config_args, _load
     from pipelines.flows.evaluate import evaluate_flow
 
     root, _ = world
     parser = argparse.ArgumentParser(prog="mav")
-    add_evaluate_commands(parser.add_subparsers(dest="command"), _add_config_args, _load, runner=evaluate_flow.fn)
+    add_evaluate_commands(parser.add_subparsers(dest="command"), runner=evaluate_flow.fn)
     args = parser.parse_args(["evaluate", "--preset", "tiny", "--out", str(tmp_path), "--tracking-uri", store,
                               "--world", str(root), "--prompts", "2", "--samples", "1", "--stop-at", "temporal"])
     assert args.func(args) == 0
@@ -230,8 +230,8 @@ def test_registering_the_command_does_not_load_torch():
     import subprocess
     import sys
 
-    code = ("import argparse, sys; from pipelines.flows.evaluate import add_evaluate_commands; "
-            "add_evaluate_commands(argparse.ArgumentParser().add_subparsers(), lambda p: None, lambda a: None); "
+    code = ("import argparse, sys; from pipelines.cli.evaluate import add_evaluate_commands; "
+            "add_evaluate_commands(argparse.ArgumentParser().add_subparsers()); "
             "print(sorted(m for m in ('torch', 'open_clip', 'mlflow', 'model.cascade') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -250,15 +250,15 @@ def test_evaluation_samples_are_enlarged_pixel_for_pixel_to_a_viewable_size():
 def test_link_renders_are_the_worlds_own_scenes():
     """The retrieval bank holds every (shape, colour) the background allows at each asked size, and the
     scenes D is asked to redraw read as the scene: the decoder link's ceiling is 1."""
-    from pipelines.evaluate import detect_object
-    from pipelines.links import candidate_renders, prompt_sizes, scene_renders
-    from pipelines.world.generate import _backgrounds
+    from pipelines.evaluation.links import candidate_renders, prompt_sizes, scene_renders
+    from pipelines.evaluation.scorer import detect_object
+    from pipelines.world.generate import backgrounds_for
 
     toy = world_preset("toy")
     assert prompt_sizes(toy, "a small red diamond on a blue background, the camera pans up") == ["small"]
     assert prompt_sizes(toy, "a green circle growing at the top on a black background") == ["small", "medium", "large"]
     labels, images = candidate_renders(toy, "gray", ["small", "large"])
-    drawable = [c for c in toy.colours if "gray" in _backgrounds(toy, c)]
+    drawable = [c for c in toy.colours if "gray" in backgrounds_for(toy, c)]
     assert sorted(set(labels)) == sorted((s, c) for s in toy.shapes for c in drawable)
     assert len(labels) == 2 * len(set(labels)) == len(images) and images.shape[1:] == (128, 128, 3)
     assert [(o.shape, o.colour) for o in map(detect_object, images)] == labels
@@ -268,7 +268,7 @@ def test_link_renders_are_the_worlds_own_scenes():
 
 
 def test_a_prompt_is_lost_at_the_first_wrong_link():
-    from pipelines.links import first_lost, summarise_links
+    from pipelines.evaluation.links import first_lost, summarise_links
 
     row = {"text": 1.0, "prior": 1.0, "decoder": 1.0, "keyframe": 1.0}
     assert first_lost(row) is None and first_lost({**row, "text": 0.0}) is None  # the key frame is right
@@ -286,10 +286,10 @@ def test_link_scores_read_what_the_decoder_draws(store, monkeypatch):
     """D's two links are read by the evaluator off D's drawings: a decoder that draws the prompt's scene
     scores 1 on both, one that draws it in another colour 0 (and shows that colour); the retrieval links do
     not depend on D, and the same seed gives the same row."""
-    import model.cascade
+    import pipelines.evaluation.links
+    from pipelines.evaluation.links import first_lost, link_scores, prompt_sizes, scene_renders
     from pipelines.generate import load_cascade
-    from pipelines.links import first_lost, link_scores, prompt_sizes, scene_renders
-    from pipelines.world.generate import _backgrounds
+    from pipelines.world.generate import backgrounds_for
 
     toy = world_preset("toy")
     spec = PromptSpec.from_text("a large red square drifting up on a black background")
@@ -307,13 +307,13 @@ def test_link_scores_read_what_the_decoder_draws(store, monkeypatch):
             return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         return draw
 
-    monkeypatch.setattr(model.cascade, "decode_images", decoder_drawing("red"))
+    monkeypatch.setattr(pipelines.evaluation.links, "decode_images", decoder_drawing("red"))
     right = link_scores(cascade, toy, [spec], draws=3, seed=5)[0]
     assert calls == [6]  # the true embeddings' 3 and the prior's 3, in one batch
     assert right["decoder"] == right["keyframe"] == 1.0 and right["keyframe_shows"] == "red square"
     assert 0.0 <= right["text"] <= 1.0 and right["prior"] in (0.0, 1 / 3, 2 / 3, 1.0) and first_lost(right) is None
-    other = next(c for c in toy.colours if c != "red" and "black" in _backgrounds(toy, c))
-    monkeypatch.setattr(model.cascade, "decode_images", decoder_drawing(other))
+    other = next(c for c in toy.colours if c != "red" and "black" in backgrounds_for(toy, c))
+    monkeypatch.setattr(pipelines.evaluation.links, "decode_images", decoder_drawing(other))
     wrong = link_scores(cascade, toy, [spec], draws=3, seed=5)[0]
     assert wrong["decoder"] == wrong["keyframe"] == 0.0 and wrong["decoder_shows"] == f"{other} square"
     assert [wrong[k] for k in ("text", "prior", "prior_shows")] == [right[k] for k in ("text", "prior", "prior_shows")]
@@ -323,11 +323,9 @@ def test_link_scores_read_what_the_decoder_draws(store, monkeypatch):
 
 
 def test_cli_reads_the_links_and_logs_them(store, world, tmp_path, capsys):
-    from pipelines.cli import _add_config_args, _load
-
     root, _ = world
     parser = argparse.ArgumentParser(prog="mav")
-    add_evaluate_commands(parser.add_subparsers(dest="command"), _add_config_args, _load)
+    add_evaluate_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["evaluate", "--preset", "tiny", "--out", str(tmp_path), "--tracking-uri", store,
                               "--world", str(root), "--prompts", "3", "--links", "2"])
     assert args.func(args) == 0

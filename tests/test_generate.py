@@ -14,10 +14,13 @@ from PIL import Image
 from model.cascade import STAGE_ORDER, build_cascade
 from model.checkpoint import save_weights
 from model.config import cascade_preset
-from pipelines.generate import (STAGES, MissingWeightsError, add_generate_commands, animate, generate, load_cascade,
-                                write_outputs)
+from pipelines.cli.generate import add_generate_commands
+from pipelines.defaults import STAGES
+from pipelines.generate import MissingWeightsError, animate, generate, load_cascade
+from pipelines.outputs import write_outputs
 from pipelines.watermark import WatermarkConfig, apply_watermark, watermark_mask
-from training.tracking import MlflowTracker, file_sha256
+from training.storage import sha256_file
+from training.tracking import MlflowTracker
 
 CFG = cascade_preset("tiny")
 META = {"config": {"cascade": CFG.model_dump(mode="json")}}
@@ -139,7 +142,7 @@ def _same_weights(loaded, cascade) -> bool:
 def test_load_cascade_from_a_checkpoint_folder(cascade, checkpoints):
     loaded = load_cascade(CFG, str(checkpoints), device="cpu")
     assert set(loaded.nets) == set(STAGE_ORDER) and _same_weights(loaded, cascade)
-    assert loaded.sources["sr_high"]["sha256"] == file_sha256(checkpoints / "sr_high.safetensors")
+    assert loaded.sources["sr_high"]["sha256"] == sha256_file(checkpoints / "sr_high.safetensors")
     vary_only = load_cascade(CFG, str(checkpoints), use="vary", stop_at="temporal", device="cpu")
     assert set(vary_only.nets) == {"temporal"}
 
@@ -172,10 +175,8 @@ def test_load_cascade_from_the_mlflow_registry(cascade, checkpoints, tmp_path):
 
 
 def test_cli_generate_from_checkpoints(checkpoints, tmp_path, capsys):
-    from pipelines.cli import _add_config_args, _load
-
     parser = argparse.ArgumentParser(prog="mav")
-    add_generate_commands(parser.add_subparsers(dest="command"), _add_config_args, _load)
+    add_generate_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["generate", "a red circle", "a blue square", "--preset", "tiny", "--out", str(tmp_path),
                               "--checkpoints", str(checkpoints), "--stop-at", "temporal", "--steps", "2",
                               "--steps", "temporal=3", "--device", "cpu", "--watermark-text", "MAV test",
@@ -190,11 +191,11 @@ def test_cli_generate_from_checkpoints(checkpoints, tmp_path, capsys):
 
 
 def test_registering_the_commands_stays_cheap():
-    """`mav --help` must not pay for torch and open_clip: the module imports them when it generates."""
+    """`mav --help` must not pay for torch and open_clip: the command imports them when it generates."""
     import subprocess
     import sys
 
-    code = ("import sys, pipelines.generate; "
+    code = ("import sys, pipelines.cli.generate; "
             "print(sorted(m for m in ('torch', 'open_clip', 'model.cascade', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -8,8 +8,13 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -225,12 +230,6 @@ build_image_dataset([sys.argv[1]], sys.argv[2], cfg, policy)
 def test_a_real_kill_mid_flow_then_resume_matches_an_uninterrupted_run(world, tmp_path):
     """SIGKILL the flow's process group once the first shard is done; the rerun finishes the job and
     ends exactly where an uninterrupted run ends (same outcomes, same samples, no duplicates)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     root, _ = world
     meta, out = str(root / "laion.parquet"), tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, meta, str(out)], start_new_session=True,

@@ -9,9 +9,10 @@ import torch
 from model.checkpoint import save_weights
 from model.clip import build_clip, contrastive_step, tokenize
 from model.config import ClipConfig
-from model.metrics import (ClipFrameExtractor, I3DExtractor, InceptionExtractor, InceptionI3d, RandomVideoExtractor,
-                           clip_similarities, clipsim, extract_features, feature_statistics, fid,
-                           frechet_distance, fvd, inception_score)
+from model.feature_extractors import (ClipFrameExtractor, I3DExtractor, InceptionExtractor, InceptionI3d,
+                                      RandomVideoExtractor)
+from model.metrics import (clip_similarities, clipsim, extract_features, feature_statistics, fid, frechet_distance, fvd,
+                           inception_score)
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():

@@ -17,9 +17,10 @@ import torch
 from nbclient import NotebookClient
 
 from model.checkpoint import save_weights
-from pipelines.flows.evaluate import SCORES, _run_tags, aggregate, summary_metrics
-from pipelines.generate import write_gif
-from training.loop import write_preview
+from pipelines.evaluation.aggregate import SCORES, aggregate, summary_metrics
+from pipelines.evaluation.tracking import run_tags
+from pipelines.outputs import write_gif
+from training.previews import write_preview
 from training.tracking import MlflowTracker, default_tracking_uri, pipeline_parent_run, tracked_run
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "compare_runs.ipynb"
@@ -120,7 +121,7 @@ def register(tracker_uri: str, run_id: str, stage: str, folder: Path) -> int:
 
 
 def log_evaluate(uri: str, quality: float, folder: Path) -> str:
-    """An "evaluate" run as pipelines.flows.evaluate logs it: eval/... metrics, weights tags, GIFs."""
+    """An "evaluate" run as pipelines.evaluation.run logs it: eval/... metrics, weights tags, GIFs."""
     rows = [{**{k: quality for k in SCORES}, "moving": True, "motion_ok": True, "motion_match": None,
              "held_out": held} for held in (True, False)]
     summary = {**aggregate(rows), "clipsim": quality / 3}
@@ -129,7 +130,7 @@ def log_evaluate(uri: str, quality: float, folder: Path) -> str:
     for i in range(2):
         frames = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8).numpy()  # (F, H, W, 3)
         write_gif(frames, folder / "samples" / f"{i:03d}.gif", 8)
-    with tracked_run(MlflowTracker(uri, EXPERIMENT), "evaluate", tags=_run_tags(used, summary)) as tracker:
+    with tracked_run(MlflowTracker(uri, EXPERIMENT), "evaluate", tags=run_tags(used, summary)) as tracker:
         tracker.log_metrics(summary_metrics(summary), step=0)
         tracker.log_artifact(str(folder / "samples"), "evaluation/samples")
     return tracker.run_id

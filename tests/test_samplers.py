@@ -9,7 +9,8 @@ import torch
 
 from model.config import DiffusionConfig, SamplerConfig
 from model.diffusion import Schedule, alpha_sigma, make_schedule, null_condition, target_for
-from model.samplers import SAMPLERS, sample, sample_ddim, sample_ddpm, timestep_sequence
+from model.samplers import (SAMPLERS, Denoiser, default_noise_sampler, sample, sample_ddim, sample_ddpm, start_state,
+                            timestep_sequence)
 
 MU, SIGMA = 1.5, 0.5
 N, D = 2000, 4
@@ -30,6 +31,13 @@ def gaussian_model(schedule: Schedule, prediction: str, mu: float = MU, sigma: f
     return model
 
 
+def run(name: str, model, schedule: Schedule, shape_or_x_T, steps: int, prediction: str = "eps",
+        generator: torch.Generator | None = None, **options) -> torch.Tensor:
+    """`sample` with the SamplerConfig of `name` and `steps`; `options` are its keyword arguments."""
+    return sample(model, schedule, SamplerConfig(name=name, steps=steps), shape_or_x_T, prediction=prediction,
+                  generator=generator, **options)
+
+
 # (sampler, steps, tolerance on mean and std): ddpm needs many steps, the ODE solvers few.
 CASES = [("ddpm", 1000, 0.03), ("ddim", 50, 0.03), ("dpmpp_2m", 20, 0.02)]
 
@@ -37,8 +45,8 @@ CASES = [("ddpm", 1000, 0.03), ("ddim", 50, 0.03), ("dpmpp_2m", 20, 0.02)]
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("name,steps,tol", CASES)
 def test_sampler_recovers_the_gaussian(schedule, name, steps, tol, prediction):
-    out = SAMPLERS[name](gaussian_model(schedule, prediction), schedule, (N, D), steps, prediction=prediction,
-                         generator=torch.Generator().manual_seed(0))
+    out = run(name, gaussian_model(schedule, prediction), schedule, (N, D), steps, prediction=prediction,
+              generator=torch.Generator().manual_seed(0))
     assert out.shape == (N, D) and torch.isfinite(out).all()
     assert out.mean().item() == pytest.approx(MU, abs=tol)
     assert out.std().item() == pytest.approx(SIGMA, abs=tol)
@@ -47,9 +55,8 @@ def test_sampler_recovers_the_gaussian(schedule, name, steps, tol, prediction):
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_sampler_is_deterministic_given_the_generator(schedule, name):
     model = gaussian_model(schedule, "eps")
-    run = lambda seed: SAMPLERS[name](model, schedule, (8, 3, 2, 4, 4), 10,
-                                      generator=torch.Generator().manual_seed(seed))
-    first, again, other = run(1), run(1), run(2)
+    draw = lambda seed: run(name, model, schedule, (8, 3, 2, 4, 4), 10, generator=torch.Generator().manual_seed(seed))
+    first, again, other = draw(1), draw(1), draw(2)
     assert first.shape == (8, 3, 2, 4, 4)
     assert torch.equal(first, again) and not torch.equal(first, other)
 
@@ -57,8 +64,10 @@ def test_sampler_is_deterministic_given_the_generator(schedule, name):
 def test_ddim_with_eta_one_is_ddpm(schedule):
     """DDIM's eta = 1 reproduces the DDPM posterior step for step, with the same noise draws."""
     model = gaussian_model(schedule, "v")
-    ddpm = sample_ddpm(model, schedule, (64, 4), 25, prediction="v", generator=torch.Generator().manual_seed(0))
-    ddim = sample_ddim(model, schedule, (64, 4), 25, prediction="v", generator=torch.Generator().manual_seed(0),
+    denoiser = Denoiser(model, schedule, "v")
+    x, ts = start_state(denoiser, (64, 4), 25, generator=torch.Generator().manual_seed(0))
+    ddpm = sample_ddpm(denoiser, x, ts, noise_sampler=default_noise_sampler(x, torch.Generator().manual_seed(1)))
+    ddim = sample_ddim(denoiser, x, ts, noise_sampler=default_noise_sampler(x, torch.Generator().manual_seed(1)),
                        eta=1.0)
     torch.testing.assert_close(ddim, ddpm, atol=1e-4, rtol=1e-4)
 
@@ -69,9 +78,11 @@ def test_deterministic_samplers_map_x_T_to_the_same_x0(schedule):
     x_T = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
     a, s = schedule.alpha_sigma_at(999)
     exact = MU + SIGMA * (x_T - a * MU) / (a**2 * SIGMA**2 + s**2) ** 0.5
-    model = gaussian_model(schedule, "eps")
-    torch.testing.assert_close(SAMPLERS["dpmpp_2m"](model, schedule, x_T, 50), exact, atol=0.03, rtol=0)
-    torch.testing.assert_close(SAMPLERS["ddim"](model, schedule, x_T, 200), exact, atol=0.03, rtol=0)
+    denoiser = Denoiser(gaussian_model(schedule, "eps"), schedule)
+    ode = {"dpmpp_2m": 50, "ddim": 200}
+    for name, steps in ode.items():
+        torch.testing.assert_close(SAMPLERS[name](denoiser, x_T, timestep_sequence(1000, steps)), exact, atol=0.03,
+                                   rtol=0)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -81,9 +92,9 @@ def test_known_frames_are_kept_exactly(schedule, name):
     mask = torch.zeros(1, 1, 5, 1, 1)
     mask[:, :, [0, 4]] = 1  # first and last frame known
     steps: list[int] = []
-    out = SAMPLERS[name](gaussian_model(schedule, "eps", mu=0.0), schedule, x_known.shape, 8,
-                         generator=torch.Generator().manual_seed(0), x_known=x_known, mask=mask,
-                         callback=lambda i, t, x, x0: steps.append(t))
+    out = run(name, gaussian_model(schedule, "eps", mu=0.0), schedule, x_known.shape, 8,
+              generator=torch.Generator().manual_seed(0), x_known=x_known, mask=mask,
+              callback=lambda i, t, x, x0: steps.append(t))
     assert torch.equal(out[:, :, [0, 4]], x_known[:, :, [0, 4]])
     assert not torch.allclose(out[:, :, 1:4], x_known[:, :, 1:4])
     assert steps == timestep_sequence(1000, 8)
@@ -111,17 +122,17 @@ def test_reconstruction_guidance_stops_below_its_min_t(schedule, name):
     x_known = torch.rand(4, 3, 5, 4, 4) * 2 - 1
     mask = torch.zeros(1, 1, 5, 1, 1)
     mask[:, :, 2] = 1
-    run = partial(SAMPLERS[name], schedule=schedule, shape_or_x_T=x_known.shape, steps=10, prediction="x0",
-                  x_known=x_known, mask=mask)
-    cut = run(recording, generator=torch.Generator().manual_seed(0), known_guidance=5.0, known_guidance_min_t=300)
+    guide = partial(run, name, schedule=schedule, shape_or_x_T=x_known.shape, steps=10, prediction="x0",
+                    x_known=x_known, mask=mask)
+    cut = guide(recording, generator=torch.Generator().manual_seed(0), known_guidance=5.0, known_guidance_min_t=300)
     assert guided == {t: t >= 300 for t in timestep_sequence(1000, 10)} and any(guided.values())
-    plain = run(still_videos, generator=torch.Generator().manual_seed(0))
-    full = run(still_videos, generator=torch.Generator().manual_seed(0), known_guidance=5.0)
-    never = run(still_videos, generator=torch.Generator().manual_seed(0), known_guidance=5.0,
-                known_guidance_min_t=1000)
+    plain = guide(still_videos, generator=torch.Generator().manual_seed(0))
+    full = guide(still_videos, generator=torch.Generator().manual_seed(0), known_guidance=5.0)
+    never = guide(still_videos, generator=torch.Generator().manual_seed(0), known_guidance=5.0,
+                  known_guidance_min_t=1000)
     assert torch.equal(never, plain) and not torch.allclose(cut, plain) and not torch.allclose(cut, full)
     with pytest.raises(ValueError, match="known_guidance_min_t"):
-        run(still_videos, known_guidance=5.0, known_guidance_min_t=1001)
+        guide(still_videos, known_guidance=5.0, known_guidance_min_t=1001)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -137,13 +148,13 @@ def test_reconstruction_guidance_makes_unknown_frames_follow_the_known_one(sched
     mask[:, :, 2] = 1
     gap = {}
     for weight in (0.0, 5.0):
-        out = SAMPLERS[name](still_videos, schedule, x_known.shape, 20, prediction="x0", x_known=x_known,
-                             mask=mask, generator=torch.Generator().manual_seed(0), known_guidance=weight)
+        out = run(name, still_videos, schedule, x_known.shape, 20, prediction="x0", x_known=x_known,
+                  mask=mask, generator=torch.Generator().manual_seed(0), known_guidance=weight)
         assert torch.equal(out[:, :, 2], x_known[:, :, 2])
         gap[weight] = (out - x_known[:, :, [2]]).abs().mean().item()
     assert gap[0.0] > 0.15 and gap[5.0] < 0.01
     with pytest.raises(ValueError, match="known_guidance"):
-        SAMPLERS[name](still_videos, schedule, (2, 4), 4, known_guidance=1.0)  # nothing known to guide toward
+        run(name, still_videos, schedule, (2, 4), 4, known_guidance=1.0)  # nothing known to guide toward
 
 
 @pytest.mark.parametrize("name,steps", [("ddim", 200), ("dpmpp_2m", 50)])
@@ -154,14 +165,14 @@ def test_sdedit_start_solves_from_the_noised_x_init(schedule, name, steps):
     x_T = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
     x_init = torch.full((500, 4), 2.5)
     visited: list[int] = []
-    out = SAMPLERS[name](gaussian_model(schedule, "eps"), schedule, x_T, steps, x_init=x_init, strength=0.3,
-                         callback=lambda i, t, x, x0: visited.append(t))
+    out = run(name, gaussian_model(schedule, "eps"), schedule, x_T, steps, x_init=x_init, strength=0.3,
+              callback=lambda i, t, x, x0: visited.append(t))
     assert visited == timestep_sequence(1000, steps, 0.3) and visited[0] == 299
     a, s = schedule.alpha_sigma_at(299)
     x_start = a * x_init + s * x_T
     exact = MU + SIGMA * (x_start - a * MU) / (a**2 * SIGMA**2 + s**2) ** 0.5
     torch.testing.assert_close(out, exact, atol=0.03, rtol=0)
-    from_noise = SAMPLERS[name](gaussian_model(schedule, "eps"), schedule, x_T, steps)
+    from_noise = run(name, gaussian_model(schedule, "eps"), schedule, x_T, steps)
     assert (out - x_init).abs().mean() < 0.5 * (from_noise - x_init).abs().mean()
 
 
@@ -170,25 +181,25 @@ def test_sdedit_start_keeps_known_frames(schedule, name):
     x_known = torch.rand(2, 3, 5, 4, 4) * 2 - 1  # (B, C, F, H, W)
     mask = torch.zeros(1, 1, 5, 1, 1)
     mask[:, :, [0, 4]] = 1
-    out = SAMPLERS[name](gaussian_model(schedule, "eps", mu=0.0), schedule, x_known.shape, 6,
-                         generator=torch.Generator().manual_seed(0), x_known=x_known, mask=mask,
-                         x_init=torch.zeros_like(x_known), strength=0.5)
+    out = run(name, gaussian_model(schedule, "eps", mu=0.0), schedule, x_known.shape, 6,
+              generator=torch.Generator().manual_seed(0), x_known=x_known, mask=mask,
+              x_init=torch.zeros_like(x_known), strength=0.5)
     assert torch.equal(out[:, :, [0, 4]], x_known[:, :, [0, 4]])
     with pytest.raises(ValueError, match="x_init"):
-        SAMPLERS[name](gaussian_model(schedule, "eps"), schedule, (2, 4), 4, strength=0.5)
+        run(name, gaussian_model(schedule, "eps"), schedule, (2, 4), 4, strength=0.5)
 
 
 def test_denoised_fn_clamps_the_estimate(schedule):
     clamp = lambda x0, t: x0.clamp(-1, 1)
     for name in SAMPLERS:
-        out = SAMPLERS[name](gaussian_model(schedule, "x0"), schedule, (200, 4), 10, prediction="x0",
-                             generator=torch.Generator().manual_seed(0), denoised_fn=clamp)
+        out = run(name, gaussian_model(schedule, "x0"), schedule, (200, 4), 10, prediction="x0",
+                  generator=torch.Generator().manual_seed(0), denoised_fn=clamp)
         assert out.max().item() <= 1.0 + 1e-6
 
 
 def test_mask_needs_known_values(schedule):
     with pytest.raises(ValueError, match="x_known and mask"):
-        sample_ddim(gaussian_model(schedule, "eps"), schedule, (2, 4), 4, mask=torch.ones(2, 4))
+        Denoiser(gaussian_model(schedule, "eps"), schedule, mask=torch.ones(2, 4))
 
 
 def test_timestep_sequence():
@@ -209,7 +220,10 @@ def test_timestep_sequence():
 def test_sample_dispatches_on_the_config(schedule, name):
     model = gaussian_model(schedule, "v")
     cfg = SamplerConfig(name=name, steps=6, eta=0.5)
-    direct = SAMPLERS[name](model, schedule, (16, 4), 6, {}, "v", torch.Generator().manual_seed(0),
+    generator = torch.Generator().manual_seed(0)
+    denoiser = Denoiser(model, schedule, "v")
+    x, ts = start_state(denoiser, (16, 4), 6, generator=generator)
+    direct = SAMPLERS[name](denoiser, x, ts, {}, noise_sampler=default_noise_sampler(x, generator),
                             **({"eta": 0.5} if name == "ddim" else {}))
     via = sample(model, schedule, cfg, (16, 4), {}, "v", torch.Generator().manual_seed(0))
     assert torch.equal(direct, via)

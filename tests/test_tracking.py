@@ -17,8 +17,9 @@ import yaml
 from model.checkpoint import save_weights
 from training.config import train_preset
 from training.registry import load_stage_weights, resolve_weights, stage_versions
-from training.tracking import (MAX_PARAM_VALUE_LENGTH, PARENT_RUN_TAG, MlflowTracker, NullTracker,
-                               default_artifact_root, default_tracking_uri, flatten, pipeline_parent_run,
+from training.tracker import NullTracker
+from training.tracking import (MAX_PARAM_VALUE_LENGTH, PARENT_RUN_TAG, MlflowTracker, default_artifact_root,
+                               default_tracking_uri, flatten, mlflow_client, pipeline_parent_run,
                                registered_name)
 
 
@@ -31,12 +32,6 @@ def store(tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture
 def tracker(store) -> MlflowTracker:
     return MlflowTracker(store[1], f"exp-{uuid.uuid4().hex[:8]}")
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _manifest(folder: Path) -> Path:
@@ -79,7 +74,7 @@ def test_parent_run_with_child_runs(store, tracker):
             child = factory()
             children.append(child.start(stage, parent_run_id=parent.run_id))
             child.end()
-    client = _client(store[1])
+    client = mlflow_client(store[1])
     parent_run = client.get_run(parent.run_id)
     assert parent_run.info.status == "FINISHED" and parent_run.data.tags["preset"] == "tiny"
     for run_id, stage in zip(children, ("prior", "decoder")):
@@ -107,7 +102,7 @@ def test_params_metrics_and_artifacts_read_back(store, tracker, tmp_path):
     tracker.log_dict(config, "config.yaml")
     tracker.end()
 
-    client = _client(store[1])
+    client = mlflow_client(store[1])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert len(run.data.params) == 251 and run.data.params["train.p249"] == "249"
@@ -126,7 +121,7 @@ def test_manifest_is_a_dataset_input_and_an_artifact(store, tracker, tmp_path):
     manifest_path = _manifest(tmp_path / "images-v1")
     run_id = tracker.start("decoder")
     tracker.log_manifest(str(manifest_path), "train")
-    client = _client(store[1])
+    client = mlflow_client(store[1])
     inputs = client.get_run(run_id).inputs.dataset_inputs
     assert len(inputs) == 1
     dataset, tags = inputs[0].dataset, {t.key: t.value for t in inputs[0].tags}
@@ -154,7 +149,7 @@ def test_register_twice_moves_the_alias_and_resolves_by_name(store, tracker, tmp
     assert tracker.register_weights("decoder", str(tmp_path / "b" / "decoder.safetensors")) == 2
     tracker.end()
 
-    client = _client(store[1])
+    client = mlflow_client(store[1])
     current = client.get_model_version_by_alias("mav-decoder", "current")
     assert int(current.version) == 2 and current.run_id == run_id
     assert current.tags["stage"] == "decoder" and current.tags["run_id"] == run_id
@@ -206,7 +201,7 @@ def test_resume_logs_into_the_same_run_without_duplicate_steps(store, tracker, t
 
     restarted = pickle.loads(pickle.dumps(tracker))  # as a Ray worker receives it
     assert restarted.start("temporal", resume_run_id=run_id, tags={"attempt": "1"}) == run_id
-    client = _client(store[1])
+    client = mlflow_client(store[1])
     assert client.get_run(run_id).info.status == "RUNNING"
     restarted.log_params({"lr": 1e-4})  # a restart logs its config again: same values are accepted
     restarted.log_manifest(str(manifest_path), "train")

@@ -9,6 +9,7 @@ start-up on a small machine, so the chain (and one run-folder URL test) is the o
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -27,11 +28,23 @@ from PIL import Image, ImageDraw
 from model.checkpoint import load_weights
 from model.clip import build_clip, encode_images, encode_text
 from model.config import cascade_preset
-from model.networks import build_network
-from pipelines.manifest import sha256_file
+from model.inflate import is_added
 from model.layers import resize
-from training.config import train_preset
-from training.stages import SPECS, SampleRng, Stage, downsample
+from model.networks import build_network
+from pipelines.cli.train import add_train_commands
+from pipelines.config import load_config
+from training.config import STAGES, StageTrainConfig, train_preset
+from training.data import sample_stream, shard_urls, stage_batches
+from training.faults import CHAOS_ENV
+from training.job import Job
+from training.jobs import job_config, run_local, run_stage, stages_for, train_all, worker_cpus
+from training.lineage import describe, video_lineage
+from training.loop import fps_schedule, restrict_trainable, tokenizer_for
+from training.registry import load_stage_weights
+from training.stages import (SPECS, ImageView, SampleRng, Stage, build_stage, downsample, requires, stage_spec,
+                             weights_module)
+from training.storage import read_manifest, sha256_file
+from training.tracking import MlflowTracker, default_tracking_uri, mlflow_client
 
 pytestmark = pytest.mark.slow
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -131,19 +144,8 @@ def tiny_config() -> SimpleNamespace:
     return SimpleNamespace(cascade=cascade_preset("tiny"), train=train.model_copy(update=updates))
 
 
-def client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 @pytest.fixture(scope="module")
 def chain(ray_session, tmp_path_factory):
-    from training.jobs import train_all
-    from training.loop import CHAOS_ENV
-    from training.registry import load_stage_weights
-    from training.tracking import default_tracking_uri
-
     root = tmp_path_factory.mktemp("training")
     cfg = tiny_config()
     shape = cfg.cascade.shape
@@ -169,9 +171,6 @@ def chain(ray_session, tmp_path_factory):
 
 def stage_job(chain, name: str):
     """The job the driver hands the workers for `name` (its upstream weights come from the registry)."""
-    from training.loop import Job
-    from training.stages import requires, stage_spec
-
     data = chain.images if stage_spec(name).data == "images" else chain.videos
     return Job(stage=name, cascade=chain.cfg.cascade, train=chain.cfg.train.stage(name), data=str(data),
                run_root=str(chain.run_root), tracking_uri=chain.uri,
@@ -179,9 +178,6 @@ def stage_job(chain, name: str):
 
 
 def first_batch(job, stage) -> dict[str, torch.Tensor]:
-    from training.data import stage_batches
-    from training.loop import tokenizer_for
-
     return next(stage_batches(job.data, stage.spec.view(job.cascade), global_batch=job.train.batch_size, rank=0,
                               world=1, seed=job.train.seed, total_steps=job.train.steps,
                               tokenizer=tokenizer_for(stage), shuffle_buffer=job.train.shuffle_buffer))
@@ -189,9 +185,6 @@ def first_batch(job, stage) -> dict[str, torch.Tensor]:
 
 def fixed_batch_loss(chain, name: str, trained: bool) -> float:
     """The stage's loss on its first batch, with the worker's initial weights or the registered ones."""
-    from training.registry import load_stage_weights
-    from training.stages import SampleRng, build_stage, weights_module
-
     job = stage_job(chain, name)
     torch.manual_seed(job.train.seed)  # as the worker does: the same initial weights
     stage, module = build_stage(name, job.cascade, job.load)
@@ -206,7 +199,7 @@ STAGE_NAMES = ("clip", "prior", "decoder", "temporal", "interpolation", "sr_low"
 
 
 def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
-    mlflow = client(chain.uri)
+    mlflow = mlflow_client(chain.uri)
     assert list(chain.results) == ["clip", "prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high"]
     for name in STAGE_NAMES:
         result = chain.results[name]
@@ -238,8 +231,6 @@ def test_every_stage_trains_is_tracked_and_registered(chain) -> None:
 
 def test_the_video_stages_trained_on_text_free_data(chain) -> None:
     """The quality bar's premise, read back from the runs behind the registered weights."""
-    from training.lineage import describe, video_lineage
-
     lineage = video_lineage(chain.uri)
     assert lineage["text_free"] and lineage["problems"] == [], lineage["problems"]
     assert list(lineage["stages"]) == ["temporal", "interpolation", "sr_low"]  # image stages are not asked
@@ -275,7 +266,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(chain) -> None:
     result = chain.results[CHAOS_STAGE]
     assert (chain.run_root / CHAOS_STAGE / f".chaos-{CHAOS_STEP}").is_file()  # the failure did happen
     assert result.steps == CHAOS_STEPS
-    mlflow = client(chain.uri)
+    mlflow = mlflow_client(chain.uri)
     steps = [m.step for m in mlflow.get_metric_history(result.run_id, "loss")]
     assert steps == list(range(1, CHAOS_STEPS + 1))  # every step once: none lost, none twice
     every = chain.cfg.train.stage(CHAOS_STAGE).checkpoint_every
@@ -288,9 +279,6 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(chain) -> None:
 
 def test_temporal_starts_as_the_registered_decoder_frame_by_frame(chain) -> None:
     """Identity init through the real path: decoder saved -> registered -> loaded -> inflated."""
-    from training.registry import load_stage_weights
-    from training.stages import build_stage
-
     job = stage_job(chain, "temporal")
     stage, temporal = build_stage("temporal", job.cascade, job.load)  # what the temporal workers build
     state, meta = load_stage_weights("decoder", "mlflow", chain.uri)
@@ -311,10 +299,7 @@ def test_temporal_starts_as_the_registered_decoder_frame_by_frame(chain) -> None
 def test_two_ray_workers_give_the_loss_curve_of_one_worker(chain, tmp_path) -> None:
     """The chain's decoder ran on 2 Ray workers (gloo DDP, 2 samples each of a global batch of 4); the same
     loop as one worker with the whole batch of 4 logs the same losses, step by step."""
-    from training.jobs import job_config, run_local
-    from training.tracking import MlflowTracker, default_tracking_uri
-
-    ddp_run = client(chain.uri).get_run(chain.results["decoder"].run_id)
+    ddp_run = mlflow_client(chain.uri).get_run(chain.results["decoder"].run_id)
     assert ddp_run.data.params["train.num_workers"] == "2"
     uri = default_tracking_uri(str(tmp_path))
     run_id = MlflowTracker(uri, "reference").start("decoder-one-worker")
@@ -323,8 +308,8 @@ def test_two_ray_workers_give_the_loss_curve_of_one_worker(chain, tmp_path) -> N
     config = job_config("decoder", SimpleNamespace(cascade=chain.cfg.cascade, train=one), str(chain.images),
                         str(tmp_path), tracking_uri=uri, experiment="reference", run_id=run_id)
     run_local(config, tmp_path / "checkpoints")
-    single = [m.value for m in client(uri).get_metric_history(run_id, "loss")]
-    ddp = [m.value for m in client(chain.uri).get_metric_history(ddp_run.info.run_id, "loss")]
+    single = [m.value for m in mlflow_client(uri).get_metric_history(run_id, "loss")]
+    ddp = [m.value for m in mlflow_client(chain.uri).get_metric_history(ddp_run.info.run_id, "loss")]
     assert len(single) == len(ddp) == train.decoder.steps
     np.testing.assert_allclose(ddp, single, rtol=1e-4)
 
@@ -333,10 +318,6 @@ def test_a_stage_trained_in_process_resumes_where_it_stopped(tmp_path, monkeypat
     """run_stage(in_process=True): no Ray. A failure at step 4 (checkpoints every 2 steps, step 3 logged)
     leaves the step-2 checkpoint; the re-run resumes the same MLflow run there, logs every step once,
     keeps the last two checkpoints and registers the weights. A URL run folder is refused up front."""
-    from training.jobs import run_stage
-    from training.loop import CHAOS_ENV
-    from training.tracking import default_tracking_uri
-
     cfg = tiny_config()
     cfg.train = cfg.train.model_copy(update={"clip": cfg.train.clip.model_copy(update={"steps": 6})})
     images = image_dataset(tmp_path / "images", cfg.cascade.shape.sr_high_size, shards=1)
@@ -347,7 +328,7 @@ def test_a_stage_trained_in_process_resumes_where_it_stopped(tmp_path, monkeypat
     monkeypatch.delenv(CHAOS_ENV)
     assert [p.name for p in (run_root / "local" / "clip").glob("step_*")] == ["step_0000002"]
     result = run_stage("clip", cfg, images=str(images), run_root=str(run_root), in_process=True)
-    mlflow = client(uri)
+    mlflow = mlflow_client(uri)
     assert [m.step for m in mlflow.get_metric_history(result.run_id, "loss")] == list(range(1, 7))
     assert [m.step for m in mlflow.get_metric_history(result.run_id, "resumed_at_step")] == [2]
     assert sorted(p.name for p in (run_root / "local" / "clip").glob("step_*")) == ["step_0000004", "step_0000006"]
@@ -362,8 +343,6 @@ def test_a_run_folder_url_goes_through_fsspec(ray_session, tmp_path, monkeypatch
     """--out as a URL (here file://, the same fsspec and Ray storage calls as s3://): Ray Train keeps its
     checkpoints there, the weights land there and load from the URL, a re-run skips the done stage; an
     object-store folder without a tracking server is refused before anything starts."""
-    from training.jobs import run_stage
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_config()
     images = image_dataset(tmp_path / "images", cfg.cascade.shape.sr_high_size)
@@ -383,11 +362,6 @@ def test_a_video_stage_draws_its_clips_at_its_configured_fps(tmp_path) -> None:
     """train.<stage>.fps_min / fps_max / fps_mean reach the clip decoder: the test videos run at 12 fps, so
     fps 2 takes every 6th frame and fps 12 every frame, and each clip carries the fps it got; a range
     upside down or a mean outside (0, 1) is refused with the field named."""
-    from training.config import StageTrainConfig
-    from training.data import stage_batches
-    from training.loop import fps_schedule
-    from training.stages import stage_spec
-
     cascade = cascade_preset("tiny")
     videos = video_dataset(tmp_path / "videos", cascade.shape.sr_low_size, shards=1, per_shard=2)
     view = stage_spec("temporal").view(cascade)
@@ -405,9 +379,6 @@ def test_a_video_stage_draws_its_clips_at_its_configured_fps(tmp_path) -> None:
 def test_workers_split_the_global_batch_exactly(tmp_path) -> None:
     """Two workers' batches together are the one-worker batch, sample for sample, at every step, also
     after resuming at a later step; 'shards' gives each worker its own shards."""
-    from training.data import stage_batches
-    from training.stages import ImageView
-
     images = image_dataset(tmp_path / "images", 16, shards=2, per_shard=6)
     view = ImageView(16, embeddings=False, tokens=False)
 
@@ -431,8 +402,6 @@ def test_workers_split_the_global_batch_exactly(tmp_path) -> None:
 def test_the_stream_shuffles_samples_across_shards_and_epochs(tmp_path) -> None:
     """With a shuffle buffer every epoch still holds each sample once, in a new order that mixes the
     shards (a batch no longer holds the same neighbours every epoch); the order follows the seed only."""
-    from training.data import read_manifest, sample_stream, shard_urls
-
     images = image_dataset(tmp_path / "images", 8, shards=3, per_shard=10)
     urls = shard_urls(str(images), read_manifest(str(images), "images"))
 
@@ -452,8 +421,6 @@ def test_the_stream_shuffles_samples_across_shards_and_epochs(tmp_path) -> None:
 
 
 def test_a_stage_fails_early_with_a_clear_message(tmp_path) -> None:
-    from training.jobs import run_stage
-
     cfg = tiny_config()
     images = image_dataset(tmp_path / "images", 16, shards=1, per_shard=4)
     with pytest.raises(ValueError, match="reads videos"):
@@ -468,9 +435,6 @@ def test_a_stage_fails_early_with_a_clear_message(tmp_path) -> None:
 
 
 def test_a_worker_reserves_its_share_of_the_cores() -> None:
-    from training.config import StageTrainConfig
-    from training.jobs import worker_cpus
-
     assert worker_cpus(StageTrainConfig(), [16.0, 2.0]) == 2  # the smallest node bounds a worker
     assert worker_cpus(StageTrainConfig(num_workers=2), [8.0, 8.0]) == 4
     assert worker_cpus(StageTrainConfig(num_workers=4), [2.0]) == 1
@@ -482,9 +446,6 @@ def test_trainable_temporal_keeps_the_image_weights() -> None:
     """train.<stage>.trainable="temporal": an optimiser step changes the temporal layers and the fps
     embedding that inflation added, never the image decoder's spatial weights; a stage without temporal
     layers is refused by name."""
-    from model.inflate import is_added
-    from training.loop import restrict_trainable
-
     cascade = cascade_preset("tiny")
     torch.manual_seed(0)
     net = build_network("temporal", cascade)
@@ -507,12 +468,9 @@ def test_trainable_temporal_keeps_the_image_weights() -> None:
 
 
 def test_the_toy_preset_trains_only_what_inflation_added_to_dt() -> None:
-    """The toy preset's Dt keeps the image decoder's spatial weights (session 20's Dt lost the shape when every
-    weight trained on 300 clips): on the toy-size network only the temporal layers and the fps embedding
+    """The toy preset's Dt keeps the image decoder's spatial weights (a Dt that trains every weight on a few
+    hundred clips loses the shapes): on the toy-size network only the temporal layers and the fps embedding
     require a gradient; F and sr_low, which start from video weights or from scratch, train every weight."""
-    from model.inflate import is_added
-    from training.loop import restrict_trainable
-
     cascade, train = cascade_preset("toy"), train_preset("toy")
     net = build_network("temporal", cascade)
     restrict_trainable(net, train.temporal.trainable, "temporal")
@@ -528,14 +486,8 @@ def test_the_toy_preset_trains_only_what_inflation_added_to_dt() -> None:
 
 
 def test_train_command_and_stage_order() -> None:
-    import argparse
-
-    from training.config import STAGES
-    from training.cli import add_train_commands
-    from training.jobs import stages_for
-
     parser = argparse.ArgumentParser(prog="mav")
-    add_train_commands(parser.add_subparsers(dest="command"), load_config=lambda args: tiny_config())
+    add_train_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "all", "--preset", "tiny", "--images", "i", "--out", "r", "--force"])
     assert (args.stage, args.preset, args.images, args.videos, args.out, args.force) == ("all", "tiny", "i", None,
                                                                                          "r", True)
@@ -551,19 +503,14 @@ def test_train_command_and_stage_order() -> None:
 def test_a_stopped_stage_is_not_resumed_with_other_settings(tmp_path):
     """Resuming into a stopped attempt's run and checkpoints with changed settings would mix two
     trainings (MLflow itself refuses changed params deep inside the workers): a clear error first."""
-    import json as _json
-
-    from pipelines.config import load_config
-    from training.jobs import run_stage
-
     images = tmp_path / "images"
     (images / "shards").mkdir(parents=True)
     (images / "shards" / "00000.tar").write_bytes(b"")
-    (images / "manifest.json").write_text(_json.dumps({"kind": "images", "shards": [
+    (images / "manifest.json").write_text(json.dumps({"kind": "images", "shards": [
         {"name": "shards/00000.tar", "samples": 1}]}))
     folder = tmp_path / "run" / "clip"
     folder.mkdir(parents=True)
-    (folder / "run.json").write_text(_json.dumps({"run_id": "0" * 32, "settings": "other"}))
+    (folder / "run.json").write_text(json.dumps({"run_id": "0" * 32, "settings": "other"}))
     with pytest.raises(ValueError, match="other settings"):
         run_stage("clip", load_config("tiny"), images=str(images), run_root=str(tmp_path / "run"))
 

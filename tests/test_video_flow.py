@@ -27,6 +27,7 @@ from pipelines.config import VideoDataConfig
 from pipelines.flows.videos import build_video_dataset, read_sources, video_data
 from pipelines.manifest import ManifestError
 from pipelines.safety import UrlPolicy
+from pipelines.videos.download import make_worker
 from pipelines.videos.readers import rewritten_path
 from pipelines.world import generate_world, rebase_world, serve_world, world_preset
 from training.lineage import text_fields
@@ -298,10 +299,6 @@ def test_building_leaves_decord_returning_its_own_arrays(shared_data, tmp_path):
     """video2dataset flips decord's bridge to torch when its dataloader is imported; building the
     download worker puts it back (evaluation and generation read frames with `.asnumpy()` in the same
     process as the flow)."""
-    import decord
-
-    from pipelines.videos.download import make_worker
-
     decord.bridge.set_bridge("torch")  # what importing video2dataset.dataloader does
     make_worker(str(tmp_path / "shards"), ["url", "row_id"], clip_size=32, samples_per_shard=4, threads=1,
                 timeout_s=1.0, max_bytes=1000, proxy_url="http://127.0.0.1:9", tmp_dir=str(tmp_path))

@@ -286,13 +286,13 @@ def test_some_image_captions_name_a_motion_the_still_cannot_show():
     """world.motion_caption_share of the LAION captions are phrased as the world's video captions (a motion,
     a direction), so a text encoder trained on images meets the words of the evaluation's video prompts; every
     caption still names its image's shape, colour and background. The toy world uses a quarter."""
-    from pipelines.evaluate import parse_prompt
-    from pipelines.world.generate import _plan_images
+    from pipelines.evaluation.prompts import parse_prompt
+    from pipelines.world.generate import plan_images
 
     base = world_preset("tiny").model_copy(update={"n_images": 400})
     for share in (0.0, 0.25, 1.0):
         config = base.model_copy(update={"motion_caption_share": share})
-        rows = _plan_images(np.random.default_rng([config.seed, 0]), config)
+        rows = plan_images(np.random.default_rng([config.seed, 0]), config)
         parsed = [parse_prompt(r["caption"]) for r in rows]
         assert all((p.shape, p.colour, p.background) == (r["shape"], r["colour"], r["background"])
                    for p, r in zip(parsed, rows))
@@ -309,13 +309,13 @@ def test_some_image_captions_name_a_motion_the_still_cannot_show():
 def test_held_out_triples_never_reach_a_caption(tmp_path):
     """world.held_out keeps that many drawable (shape, colour, background) triples out of every LAION row,
     the same ones for the same seed; some captions leave out the size or the position."""
-    from pipelines.world.generate import _plan_images, held_out_triples, renderable_triples
+    from pipelines.world.generate import held_out_triples, plan_images, renderable_triples
 
     config = world_preset("tiny").model_copy(update={"n_images": 400, "held_out": 20})
     held = held_out_triples(config)
     assert len(held) == 20 and held <= set(renderable_triples(config))
     assert held == held_out_triples(config) != held_out_triples(config.model_copy(update={"seed": 1}))
-    rows = _plan_images(np.random.default_rng([config.seed, 0]), config)
+    rows = plan_images(np.random.default_rng([config.seed, 0]), config)
     shown = {(r["shape"], r["colour"], r["background"]) for r in rows}
     assert not shown & held and len(shown) > 60
     captions = [r["caption"] for r in rows]
@@ -331,14 +331,14 @@ def test_toy_world_videos_move_within_the_second_dt_samples():
     the motion bar (>= 0.8 of clips moving by the evaluator's 0.05). The world's default dynamics (6-10 s,
     drifts of 0.2-0.45 of the side over the whole video) do not; the toy preset's do, and its windows still
     read as one consistent, faithful object."""
-    from pipelines.evaluate import evaluate_video
+    from pipelines.evaluation.scorer import evaluate_video
     from pipelines.world.config import world_preset
-    from pipelines.world.generate import _plan_videos
+    from pipelines.world.generate import plan_videos
     from pipelines.world.videos import render_video
 
     def windows(config, n=48):
         rng = np.random.default_rng(0)
-        plans = _plan_videos(np.random.default_rng(1), config, n, (), 0, lambda i: f"v{i}")
+        plans = plan_videos(np.random.default_rng(1), config, n, (), 0, lambda i: f"v{i}")
         out = []
         for plan in plans:
             n_frames = plan["seconds"] * 24

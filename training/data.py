@@ -16,9 +16,7 @@ follow it, whichever worker decodes it. A resumed run skips the samples of the s
 from __future__ import annotations
 
 import io
-import json
 import logging
-from pathlib import PurePosixPath
 from typing import Any, Callable, Iterator, Literal
 
 import fsspec
@@ -30,34 +28,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from training.loaders.clips import FpsSchedule, decode_sample
 from training.stages import ImageView, VideoView
+from training.storage import IMAGE_EXTENSIONS, embeddings_path, join, read_manifest
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 EMBEDDING_TABLES_KEPT = 8  # shards a shuffle buffer spans at once, with room to spare
 Split = Literal["samples", "shards"]
-
-
-def join(root: str, *parts: str) -> str:
-    """`root`/parts for a local path or any fsspec URL."""
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def filesystem(url: str):
-    """The fsspec filesystem that holds `url` (a local path or any fsspec URL)."""
-    return fsspec.core.url_to_fs(url)[0]
-
-
-def read_manifest(root: str, kind: str) -> dict[str, Any]:
-    """The dataset folder's manifest; its kind must match what the stage reads."""
-    path = join(root, "manifest.json")
-    try:
-        with fsspec.open(path, "r") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no dataset manifest at {path}") from None
-    if manifest.get("kind") != kind:
-        raise ValueError(f"{root} holds a {manifest.get('kind')!r} dataset; this stage reads {kind}")
-    return manifest
 
 
 def shard_urls(root: str, manifest: dict[str, Any]) -> list[str]:
@@ -66,11 +41,6 @@ def shard_urls(root: str, manifest: dict[str, Any]) -> list[str]:
     if not names:
         raise ValueError(f"{root}: the manifest lists no shard with samples")
     return [join(root, name) for name in names]
-
-
-def embeddings_path(root: str, shard_name: str) -> str:
-    """shards/00007.tar -> embeddings/00007.parquet (written by the pipelines' embed flow)."""
-    return join(root, "embeddings", PurePosixPath(shard_name).stem + ".parquet")
 
 
 def load_embeddings(path: str) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:

@@ -7,11 +7,9 @@ Run folder (`run_root`): a local folder, or any fsspec URL every node reaches (s
 Ray Train writes its checkpoints there itself (`RunConfig.storage_path`), the final weights are written
 locally, registered, then copied there. An object-store run folder needs a tracking server.
   ray/<stage>/            Ray Train's storage for the run named <stage>: checkpoints (2 kept) and the
-                          run snapshot. Ray Train 2.60 (its V2 API, the default) resumes a run whose
-                          RunConfig(name, storage_path) already holds a snapshot from its latest
-                          checkpoint; its old `TorchTrainer.restore/can_restore` and
-                          `resume_from_checkpoint` are deprecated and raise. So re-running a stage that
-                          stopped part-way (crash, Ctrl-C) continues from its last checkpoint.
+                          run snapshot. Ray Train (its V2 API) resumes a run whose RunConfig(name,
+                          storage_path) already holds a snapshot from its latest checkpoint, so
+                          re-running a stage that stopped part-way (crash, Ctrl-C) continues from there.
   local/<stage>/step_N/   the same checkpoints when the stage trains in the driver's process instead
                           (`in_process`, `mav train --in-process`); resumed the same way
   <stage>/run.json        the stage's MLflow run id, reused when the stage is resumed
@@ -24,24 +22,25 @@ The driver opens each stage's MLflow run and hands its id to the workers; rank 0
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import fsspec
-
 from model.checkpoint import is_url, load_weights, save_weights
 from model.config import CascadeConfig
 from training.config import STAGES, StageTrainConfig, TrainConfig
-from training.data import embeddings_path, filesystem, join, read_manifest, shard_urls
-from training.loop import CHAOS_ENV, Job, run, train_loop_per_worker
+from training.data import shard_urls
+from training.faults import CHAOS_ENV
+from training.job import Job
+from training.loop import run, train_loop_per_worker
+from training.registry import resolve_weights
 from training.stages import ImageView, requires, stage_spec
+from training.storage import MANIFEST, embeddings_path, filesystem, hash_settings, join, read_manifest
 from training.tracking import MlflowTracker, pipeline_parent_run, resolve_tracking_uri
+from training.workers import LocalWorker
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def _settings_hash(stage: str, cfg: Any, data: str) -> str:
     cascade, train_cfg = _configs(cfg)
     settings = {"cascade": cascade.model_dump(mode="json"), "train": train_cfg.stage(stage).model_dump(mode="json"),
                 "data": data}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return hash_settings(settings)
 
 
 def _stage_run(folder: str, tracker: MlflowTracker, stage: str, parent_run_id: str | None, settings: str) -> str:
@@ -166,7 +165,7 @@ def worker_cpus(train: StageTrainConfig, node_cpus: Iterable[float]) -> int:
 
 def fit_stage(stage: str, config: dict[str, Any], train: StageTrainConfig, storage: str):
     """One TorchTrainer run; resumes from `storage/<stage>` when an earlier attempt left checkpoints."""
-    import ray
+    import ray  # Ray Train takes seconds to import: only when a stage trains on Ray (not in-process)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -215,7 +214,7 @@ def _final_weights(ckpt: Path, folder: Path, stage: str, steps: int) -> Path:
 
 def job_config(stage: str, cfg: Any, data: str, run_root: str, *, tracking_uri: str | None = None,
                experiment: str = "make-a-video", run_id: str | None = None, split: str = "samples") -> dict:
-    """The JSON-able job every worker rebuilds with `loop.Job.from_config`. Upstream weights come from
+    """The JSON-able job every worker rebuilds with `Job.from_config` (training/job.py). Upstream weights come from
     the registry ("mlflow" = models:/mav-<stage>@current); MAV_FAIL_AT_STEP is forwarded (chaos knob)."""
     cascade, train_cfg = _configs(cfg)
     return {"stage": stage, "cascade": cascade.model_dump(mode="json"),
@@ -270,38 +269,6 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
     return out
 
 
-class LocalWorker:
-    """The loop's runner without Ray: this process is one worker (rank and world from torch.distributed
-    when it is initialised, DDP then), checkpoints are copied to `folder/step_NNNNNNN`, the last `keep`
-    kept (Ray Train keeps 2 too). For training a stage in this process (`run_stage(in_process=True)`)
-    and for the benchmark's plain-PyTorch baseline."""
-
-    def __init__(self, folder: str | Path, device: str = "cpu", keep: int = 2) -> None:
-        import torch
-        import torch.distributed as dist
-
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.device, self.folder, self.keep = torch.device(device), Path(folder), keep
-
-    def prepare(self, module: Any) -> Any:
-        from torch.nn.parallel import DistributedDataParallel
-
-        module = module.to(self.device)
-        return DistributedDataParallel(module) if self.world > 1 else module
-
-    @contextlib.contextmanager
-    def checkpoint(self) -> Iterator[str | None]:
-        found = sorted(self.folder.glob("step_*"))
-        yield str(found[-1]) if found else None
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, self.folder / f"step_{int(metrics['step']):07d}", dirs_exist_ok=True)
-            for old in sorted(self.folder.glob("step_*"))[:-self.keep]:
-                shutil.rmtree(old)
-
-
 def run_local(config: dict[str, Any], folder: str | Path, device: str = "cpu") -> dict[str, float]:
     """Run a job (see `job_config`) in this process with the same loop the Ray workers run."""
     return run(Job.from_config(config), LocalWorker(folder, device))
@@ -309,8 +276,6 @@ def run_local(config: dict[str, Any], folder: str | Path, device: str = "cpu") -
 
 def _check_sources(sources: dict[str, str], tracking_uri: str) -> None:
     """Fail before starting Ray when an upstream stage is not registered yet."""
-    from training.registry import resolve_weights
-
     for dep, source in sources.items():
         resolve_weights(dep, source, tracking_uri)
 
@@ -319,10 +284,9 @@ def log_dataset(tracker: MlflowTracker, data: str) -> None:
     """The manifest the stage trained on: an MLflow dataset input for a local folder; for an object-store
     folder (the tracker reads local files only) the manifest itself as an artifact."""
     if not is_url(data):
-        tracker.log_manifest(str(Path(data) / "manifest.json"), context="training")
+        tracker.log_manifest(str(Path(data) / MANIFEST), context="training")
         return
-    with fsspec.open(join(data, "manifest.json"), "r") as fh:
-        tracker.log_dict(json.load(fh), "datasets/training/manifest.json")
+    tracker.log_dict(read_manifest(data), f"datasets/training/{MANIFEST}")
 
 
 def stages_for(names: Iterable[str], cascade: CascadeConfig) -> list[str]:

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from training.data import join
 from training.registry import stage_versions
 from training.stages import stage_spec
+from training.storage import join
 
 # Member extensions that are text, and .json keys whose non-empty string values would be a caption.
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption", "cap", "vtt", "srt", "ass", "sub", "title"})
@@ -159,7 +159,7 @@ def check_dataset(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _run_record(tracking_uri: str, run_id: str, path: str) -> dict[str, Any]:
     """A JSON artifact of a run, read through the store's own artifact repository."""
-    import mlflow.artifacts
+    import mlflow.artifacts  # seconds to import: only when a lineage is checked
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
@@ -183,7 +183,7 @@ def video_lineage(tracking_uri: str, alias: str = "current") -> dict[str, Any]:
         try:
             root = _run_record(tracking_uri, version["run_id"], RESOLVED_CONFIG)["data"]
             manifest = _run_record(tracking_uri, version["run_id"], TRAINED_MANIFEST)
-        except Exception as err:  # a run without the records (weights registered by hand, an old store)
+        except Exception as err:  # a run without the records (weights registered by hand)
             problems.append(f"{stage} v{version['version']}: no training record of its data ({type(err).__name__})")
             continue
         entry["dataset"] = root

@@ -1,139 +1,41 @@
 """The training loop of every stage, as Ray Train runs it on each worker (`train_loop_per_worker`).
 
 One loop for all stages: build the stage (training/stages.py), wrap it for DDP, then AdamW with
-warm-up + cosine LR, gradient accumulation, gradient clipping, an EMA of the weights, autocast from
-model.precision, per-sample seeded draws (so N workers compute what one worker computes on the same
-global batch). Side effects on rank 0 only: MLflow metrics and previews, checkpoint folders.
-
-Checkpoint folder (every `checkpoint_every` steps and at the end, handed to `ray.train.report`):
-  weights.safetensors  the EMA weights (what sampling and the next stage use), config as metadata
-  raw.safetensors      the trained weights the optimiser state belongs to
-  optimizer.pt         optimiser + LR scheduler state (torch.save; loaded with weights_only=True)
-  state.json           {"step", "mlflow_run_id", "config"}
-A restarted worker (FailureConfig) continues from `ray.train.get_checkpoint()`: the step counter goes on
-from the checkpoint's step, and the tracker drops metrics at steps it already holds.
-
-Chaos knob: MAV_FAIL_AT_STEP=N (or "fail_at_step" in the job config) makes the last worker raise at
-step N, once per stage run folder (a marker file `<run_root>/<stage>/.chaos-N` records that it did), to
-exercise the restart path for real.
+warm-up + cosine LR, gradient accumulation, gradient clipping, an EMA of the weights (training/ema.py),
+autocast from model.precision, per-sample seeded draws (so N workers compute what one worker computes on
+the same global batch). Side effects on rank 0 only: MLflow metrics and previews (training/previews.py),
+checkpoint folders (training/checkpoints.py, which also says how a restarted worker resumes). The chaos
+knob (training/faults.py) stops a worker on purpose to exercise that restart.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import math
-import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from PIL import Image
 from torch import nn
 
-from model.checkpoint import load_weights, save_weights
-from model.config import CascadeConfig
+from model.inflate import is_added
 from model.precision import autocast_context, default_precision, grad_scaler
+from training.checkpoints import State, load_checkpoint, report_checkpoint
 from training.config import StageTrainConfig
-from training.data import filesystem, join, stage_batches
+from training.data import stage_batches
+from training.ema import Ema
+from training.faults import maybe_fail
+from training.job import Job
 from training.loaders.clips import FpsSchedule
-from training.stages import ImageView, SampleRng, Stage, after_step, build_stage, weights_module
-from training.tracking import MlflowTracker, NullTracker, Tracker
+from training.previews import write_preview
+from training.stages import ImageView, SampleRng, Stage, after_step, build_stage
+from training.tracker import NullTracker, Tracker
+from training.tracking import MlflowTracker
+from training.workers import RayWorker, Worker, global_mean
 
-CHAOS_ENV = "MAV_FAIL_AT_STEP"
 MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak LR, not to zero
-
-
-@dataclass
-class Job:
-    """One stage's training job, rebuilt on every worker from the JSON-able dict the driver passes."""
-
-    stage: str
-    cascade: CascadeConfig
-    train: StageTrainConfig
-    data: str
-    run_root: str
-    tracking_uri: str | None = None
-    experiment: str = "make-a-video"
-    run_id: str | None = None
-    sources: dict[str, str] = field(default_factory=dict)
-    split: str = "samples"
-    fail_at_step: int | None = None
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "Job":
-        fail = config.get("fail_at_step") or os.environ.get(CHAOS_ENV)
-        return cls(stage=config["stage"], cascade=CascadeConfig.model_validate(config["cascade"]),
-                   train=StageTrainConfig.model_validate(config["train"]), data=config["data"],
-                   run_root=config["run_root"], tracking_uri=config.get("tracking_uri"),
-                   experiment=config.get("experiment", "make-a-video"), run_id=config.get("run_id"),
-                   sources=dict(config.get("sources", {})), split=config.get("split", "samples"),
-                   fail_at_step=int(fail) if fail else None)
-
-    def resolved(self) -> dict[str, Any]:
-        """The resolved config saved with every checkpoint and logged as params."""
-        return {"stage": self.stage, "cascade": self.cascade.model_dump(mode="json"),
-                "train": self.train.model_dump(mode="json"), "data": self.data, "split": self.split,
-                "sources": self.sources}
-
-    def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Registered weights of an upstream stage (the registry, or a local file)."""
-        from training.registry import load_stage_weights
-
-        return load_stage_weights(stage, self.sources.get(stage, "mlflow"), self.tracking_uri)
-
-
-class Worker(Protocol):
-    """What the loop needs from its runner: Ray Train here, plain torch.distributed in the benchmark."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    def prepare(self, module: nn.Module) -> nn.Module: ...
-
-    def checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
-
-
-class RayWorker:
-    """The loop's view of a Ray Train worker."""
-
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def prepare(self, module: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(module)  # to the device; DDP when world > 1
-
-    @contextlib.contextmanager
-    def checkpoint(self) -> Iterator[str | None]:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as path:
-            yield path
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        import ray.train
-
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -152,43 +54,11 @@ def lr_factor(step: int, cfg: StageTrainConfig) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-class Ema:
-    """Exponential moving average of the weights, kept on every rank (DDP keeps the weights identical).
-    The decay warms up as min(decay, (1+step)/(10+step)), so short runs are not stuck at their init."""
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(module).requires_grad_(False).eval()
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for ema, p in zip(self.module.parameters(), module.parameters()):
-            ema.lerp_(p.detach(), 1 - decay)
-        for ema, b in zip(self.module.buffers(), module.buffers()):
-            ema.copy_(b)
-
-
-@dataclass
-class State:
-    """What the loop carries from step to step."""
-
-    net: nn.Module  # as prepared (DDP on several workers)
-    raw: nn.Module  # the unwrapped module
-    ema: Ema
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    step: int = 0
-
-
 def restrict_trainable(module: nn.Module, trainable: str, stage: str) -> None:
     """trainable "temporal": only the parameters inflation added (`model.inflate.is_added`) keep
     requires_grad; the rest stay as the stage was initialised (the image decoder's spatial weights)."""
     if trainable == "all":
         return
-    from model.inflate import is_added
-
     added = False
     for name, param in module.named_parameters():
         keep = is_added(name)
@@ -214,42 +84,6 @@ def build_state(job: Job, worker: Worker) -> tuple[Stage, State]:
 def precision(job: Job, worker: Worker) -> str:
     p = job.train.precision
     return default_precision(worker.device) if p == "auto" else p
-
-
-def save_checkpoint(path: Path, job: Job, state: State) -> None:
-    meta = {"config": job.resolved(), "stage": job.stage, "step": state.step}
-    save_weights(weights_module(state.ema.module), path / "weights.safetensors", meta)
-    save_weights(state.raw, path / "raw.safetensors", meta)
-    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                "scaler": state.scaler.state_dict()}, path / "optimizer.pt")
-    (path / "state.json").write_text(json.dumps({"step": state.step, "mlflow_run_id": job.run_id,
-                                                 "config": job.resolved()}))
-
-
-def load_checkpoint(path: Path, state: State) -> dict[str, Any]:
-    """Restore weights, EMA, optimiser, scheduler and step; returns state.json."""
-    info = json.loads((path / "state.json").read_text())
-    state.raw.load_state_dict(load_weights(path / "raw.safetensors")[0])
-    weights_module(state.ema.module).load_state_dict(load_weights(path / "weights.safetensors")[0])
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    state.optimizer.load_state_dict(opt["optimizer"])
-    state.scheduler.load_state_dict(opt["scheduler"])
-    state.scaler.load_state_dict(opt["scaler"])
-    state.step = int(info["step"])
-    return info
-
-
-def maybe_fail(job: Job, worker: Worker, step: int) -> None:
-    """The chaos knob (module doc): the last worker raises once at step `fail_at_step`."""
-    if job.fail_at_step != step or worker.rank != worker.world - 1:
-        return
-    marker = join(job.run_root, job.stage, f".chaos-{step}")
-    fs = filesystem(marker)
-    if fs.exists(marker):
-        return
-    fs.makedirs(join(job.run_root, job.stage), exist_ok=True)
-    fs.touch(marker)
-    raise RuntimeError(f"chaos: {CHAOS_ENV}={step} stopped worker {worker.rank} of stage {job.stage}")
 
 
 def micro_batches(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -288,15 +122,6 @@ def train_step(stage: Stage, state: State, batch: dict[str, torch.Tensor], job: 
     return total
 
 
-def global_mean(value: float, worker: Worker) -> float:
-    """The mean over workers (every rank must call it at the same step)."""
-    if worker.world == 1 or not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=worker.device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(t)
-    return float(t) / worker.world
-
-
 def open_tracker(job: Job, worker: Worker) -> Tracker:
     """Rank 0 reopens the stage's MLflow run (created by the driver); other ranks log nothing."""
     if worker.rank != 0 or job.run_id is None or job.tracking_uri is None:
@@ -304,32 +129,6 @@ def open_tracker(job: Job, worker: Worker) -> Tracker:
     tracker = MlflowTracker(job.tracking_uri, job.experiment)
     tracker.start(job.stage, resume_run_id=job.run_id)
     return tracker
-
-
-def _uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def image_strip(images: torch.Tensor) -> Image.Image:
-    """(N, 3, H, W) in [-1, 1] -> one image, side by side."""
-    return Image.fromarray(torch.cat(list(_uint8(images)), dim=2).permute(1, 2, 0).numpy())
-
-
-def write_preview(preview: dict[str, Any], folder: Path, tracker: Tracker, step: int) -> None:
-    """Previews to MLflow: metrics as metrics, images as a PNG strip, videos as a GIF."""
-    if "metrics" in preview:
-        tracker.log_metrics(preview["metrics"], step)
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    if "images" in preview:
-        path = folder / f"step_{step:07d}.png"
-        image_strip(preview["images"]).save(path)
-    else:
-        video = preview["video"]  # (N, 3, F, H, W)
-        frames = [image_strip(video[:, :, f]) for f in range(video.shape[2])]
-        path = folder / f"step_{step:07d}.gif"
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
-    tracker.log_artifact(str(path), "samples")
 
 
 class Progress:
@@ -362,22 +161,12 @@ class Progress:
         return self.job.train.batch_size * (step - self.first[0]) / (time.perf_counter() - self.first[1])
 
 
-def report_checkpoint(job: Job, worker: Worker, state: State, metrics: dict[str, float]) -> None:
-    """Rank 0 writes the checkpoint folder and reports it; every rank reports (it is a barrier)."""
-    if worker.rank != 0:
-        worker.report(metrics, None)
-        return
-    with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-") as tmp:
-        save_checkpoint(Path(tmp), job, state)
-        worker.report(metrics, tmp)
-
-
 def tokenizer_for(stage: Stage):
     """open_clip's tokenizer for the stages that read captions (clip, prior), else None."""
     view = stage.spec.view(stage.cascade)
     if not (isinstance(view, ImageView) and view.tokens):
         return None
-    import open_clip
+    import open_clip  # seconds to import: only the stages that read captions need it
 
     clip = stage.cascade.clip
     return open_clip.get_tokenizer(clip.model_name, context_length=clip.context_length)
@@ -399,7 +188,7 @@ def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: T
     with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-previews-") as previews:
         for batch in batches:
             step = state.step + 1
-            maybe_fail(job, worker, step)
+            maybe_fail(step, job.fail_at_step, job.run_root, job.stage, worker)
             loss = train_step(stage, state, batch, job, worker)
             progress.stepped(step)
             if step % cfg.log_every == 0 or step == cfg.steps:

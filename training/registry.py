@@ -20,7 +20,9 @@ from urllib.parse import urlparse
 import torch
 
 from model.checkpoint import load_weights
-from training.tracking import DEFAULT_ALIAS, registered_name
+from training.config import STAGES
+from training.tracker import DEFAULT_ALIAS
+from training.tracking import is_mlflow_error, mlflow_client, registered_name
 
 DEFAULT_SOURCE = "mlflow"
 LOCAL_SCHEMES = ("", "file")
@@ -29,12 +31,6 @@ LOCAL_SCHEMES = ("", "file")
 def default_cache_dir() -> Path:
     """Downloads from remote artifact stores land here (local stores are read in place)."""
     return Path(os.environ.get("MAV_STATE_DIR", ".state")).resolve() / "weights-cache"
-
-
-def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient  # MLflow only when the registry is asked, not at import time
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -51,14 +47,14 @@ def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def _registry_version(stage: str, uri: str, tracking_uri: str | None):
     """The ModelVersion a models:/ URI names, or a LookupError naming the stage and the store searched."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     name, alias, version = _parse_models_uri(uri)
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
     except Exception as err:
-        if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+        if not is_mlflow_error(err, "RESOURCE_DOES_NOT_EXIST"):
             raise
         raise LookupError(f"no registered weights for stage {stage!r}: {uri} not found in the MLflow "
                           f"registry at {client.tracking_uri}") from None
@@ -85,7 +81,7 @@ def find_safetensors(stage: str, path: Path) -> Path:
 
 def _download(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     """Local artifact URIs are returned in place; remote ones are downloaded once into `dst`."""
-    import mlflow.artifacts
+    import mlflow.artifacts  # seconds to import: only when weights are fetched
 
     local = urlparse(uri).scheme in LOCAL_SCHEMES
     if not local:
@@ -125,9 +121,7 @@ def load_stage_weights(stage: str, source: str, tracking_uri: str | None = None,
 def stage_versions(tracking_uri: str, alias: str = DEFAULT_ALIAS) -> dict[str, dict]:
     """For each registered stage: the version `alias` points at (else the newest), its run and source.
     Written into sidecars so a generated video says exactly which weights made it."""
-    from training.config import STAGES
-
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     out: dict[str, dict] = {}
     for stage in STAGES:
         name = registered_name(stage)
@@ -135,7 +129,7 @@ def stage_versions(tracking_uri: str, alias: str = DEFAULT_ALIAS) -> dict[str, d
             version = client.get_model_version_by_alias(name, alias)
             held = alias
         except Exception as err:
-            if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            if not is_mlflow_error(err, "RESOURCE_DOES_NOT_EXIST"):
                 raise
             versions = client.search_model_versions(f"name = '{name}'")
             if not versions:

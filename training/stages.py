@@ -24,7 +24,7 @@ from model.diffusion import (Schedule, around_base, drop_condition, make_schedul
                              randn_like, residual_base, sample_timesteps, training_loss)
 from model.frames import interpolation_channels, sample_train_mask
 from model.inflate import inflate_state_dict
-from model.layers import fold_frames, resize, unfold_frames
+from model.layers import fold_frames, resize
 from model.networks import build_network
 from model.samplers import sample
 

@@ -1,4 +1,5 @@
-"""Experiment tracking behind a small interface: MLflow is the real backend, `NullTracker` the no-op one.
+"""MLflow tracking: where runs go, how stages' weights are named, and `MlflowTracker`, the real backend
+behind the `Tracker` interface (training/tracker.py).
 
 Layout of a training pipeline in MLflow (see `pipeline_parent_run`): one experiment (`TrainConfig.experiment`)
 holds one parent run per pipeline run and one child run per stage (tag `mlflow.parentRunId`). The driver
@@ -12,12 +13,10 @@ trackers (and Ray workers) never fight over a process-wide "active run".
 """
 from __future__ import annotations
 
-import abc
 import contextlib
-import hashlib
 import json
-import os
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from training.config import STAGES
+from training.storage import hash_settings, sha256_file
+from training.tracker import DEFAULT_ALIAS, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ MAX_PARAM_KEY_LENGTH = 250      # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
 MAX_PARAM_VALUE_LENGTH = 6000   # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_DATASET_DIGEST_LENGTH = 36  # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
 PARENT_RUN_TAG = "mlflow.parentRunId"
-DEFAULT_ALIAS = "current"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, ParamValue]:
@@ -92,86 +92,9 @@ def registered_name(stage: str) -> str:
     return f"mav-{stage}"
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def config_hash(config: Any) -> str:
     """Stable short hash of a resolved config, to tell versions trained from different configs apart."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class Tracker(abc.ABC):
-    """What training code needs from a tracker. Call it on rank 0 only; other ranks get a NullTracker."""
-
-    run_id: str | None = None
-
-    @abc.abstractmethod
-    def start(self, run_name: str, *, parent_run_id: str | None = None, tags: dict | None = None,
-              resume_run_id: str | None = None) -> str:
-        """Open a run (a child of `parent_run_id` when given), or reopen `resume_run_id`; returns its id."""
-
-    @abc.abstractmethod
-    def log_params(self, params: dict) -> None:
-        """Log a (nested) config as flattened params."""
-
-    @abc.abstractmethod
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log scalars at `step`; a step at or below the last one logged for a key is dropped."""
-
-    @abc.abstractmethod
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        """Copy a local file or folder into the run's artifacts (under `artifact_path`)."""
-
-    @abc.abstractmethod
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        """Write `data` as an artifact, YAML for .yaml/.yml names, JSON otherwise."""
-
-    @abc.abstractmethod
-    def log_manifest(self, manifest_path: str, context: str) -> None:
-        """Record the dataset manifest the run trained on, as a dataset input and as an artifact."""
-
-    @abc.abstractmethod
-    def register_weights(self, stage: str, weights_path: str, alias: str = DEFAULT_ALIAS) -> int:
-        """Register a stage's safetensors file in the model registry; returns the new version."""
-
-    @abc.abstractmethod
-    def end(self, status: str = "FINISHED") -> None:
-        """Close the run with FINISHED, FAILED or KILLED."""
-
-
-class NullTracker(Tracker):
-    """Does nothing, so library code and non-zero ranks need no `if tracker:` branches."""
-
-    def start(self, run_name: str, *, parent_run_id: str | None = None, tags: dict | None = None,
-              resume_run_id: str | None = None) -> str:
-        self.run_id = resume_run_id or f"null-{run_name}"
-        return self.run_id
-
-    def log_params(self, params: dict) -> None:
-        return None
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        return None
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        return None
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        return None
-
-    def log_manifest(self, manifest_path: str, context: str) -> None:
-        return None
-
-    def register_weights(self, stage: str, weights_path: str, alias: str = DEFAULT_ALIAS) -> int:
-        return 0
-
-    def end(self, status: str = "FINISHED") -> None:
-        return None
+    return hash_settings(config)[:16]
 
 
 def _param_value(value: ParamValue) -> str:
@@ -183,7 +106,16 @@ def _param_value(value: ParamValue) -> str:
     return text
 
 
-def _is_mlflow_error(err: Exception, code: str) -> bool:
+def mlflow_client(tracking_uri: str | None):
+    """An `MlflowClient` whose tracking and registry stores are both `tracking_uri` (MLflow's own default
+    registry is the process-wide one, which would silently read another store)."""
+    from mlflow import MlflowClient  # MLflow only when a store is used, not at import time
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def is_mlflow_error(err: Exception, code: str) -> bool:
+    """Whether `err` is an MLflow error with this code (RESOURCE_DOES_NOT_EXIST, RESOURCE_ALREADY_EXISTS, ...)."""
     return getattr(err, "error_code", None) == code
 
 
@@ -191,6 +123,7 @@ class MlflowTracker(Tracker):
     """A tracker writing to one MLflow experiment through `MlflowClient`.
 
     Picklable (the client is rebuilt lazily), so the driver can hand a configured tracker to Ray workers.
+    MLflow is imported in the methods: it takes seconds to import, and every worker imports this module.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
@@ -207,9 +140,7 @@ class MlflowTracker(Tracker):
     @property
     def client(self):
         if self._client_obj is None:
-            from mlflow import MlflowClient  # MLflow only when a tracker is used, not at import time
-
-            self._client_obj = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            self._client_obj = mlflow_client(self.tracking_uri)
         return self._client_obj
 
     def experiment_id(self) -> str:
@@ -220,7 +151,7 @@ class MlflowTracker(Tracker):
         try:
             return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
         except Exception as err:  # another process created it between the lookup and here
-            if not _is_mlflow_error(err, "RESOURCE_ALREADY_EXISTS"):
+            if not is_mlflow_error(err, "RESOURCE_ALREADY_EXISTS"):
                 raise
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
@@ -250,7 +181,7 @@ class MlflowTracker(Tracker):
         try:
             run = self.client.get_run(run_id)
         except Exception as err:
-            if _is_mlflow_error(err, "RESOURCE_DOES_NOT_EXIST"):
+            if is_mlflow_error(err, "RESOURCE_DOES_NOT_EXIST"):
                 raise LookupError(f"cannot resume MLflow run {run_id!r}: not found in {self.tracking_uri}") from None
             raise
         self.client.update_run(run_id, status="RUNNING")
@@ -322,14 +253,14 @@ class MlflowTracker(Tracker):
         even when one run registers twice), register it as a new version of `registered_name(stage)`
         whose source is that artifact, and point `alias` at it. No model flavor or MLmodel file is
         needed: a version is a name, a source URI and tags."""
-        from model.checkpoint import CONFIG_KEY, read_metadata
+        from model.checkpoint import CONFIG_KEY, read_metadata  # torch: kept out of `mav --help`'s imports
 
         name = registered_name(stage)
         path = Path(weights_path)
         if path.suffix != ".safetensors" or not path.is_file():
             raise FileNotFoundError(f"stage {stage!r}: no safetensors file at {path}")
         run_id = self._run_id()
-        sha = file_sha256(path)
+        sha = sha256_file(path)
         artifact_dir = f"weights/{sha[:12]}"
         self.client.log_artifact(run_id, str(path), artifact_dir)
         source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_dir}/{path.name}"
@@ -346,7 +277,7 @@ class MlflowTracker(Tracker):
             self.client.create_registered_model(name, tags={"stage": stage},
                                                 description=f"Make-A-Video {stage} weights (safetensors)")
         except Exception as err:
-            if not _is_mlflow_error(err, "RESOURCE_ALREADY_EXISTS"):
+            if not is_mlflow_error(err, "RESOURCE_ALREADY_EXISTS"):
                 raise
 
     def end(self, status: str = "FINISHED") -> None:

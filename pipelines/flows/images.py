@@ -19,9 +19,10 @@ from pipelines.config import ImageDataConfig, load_config
 from pipelines.flows import run_step
 from pipelines.images.download import download_images
 from pipelines.images.filters import filter_metadata, split_kept
-from pipelines.manifest import (OUTCOME_SCHEMA, hash_inputs, join, open_job, shard_entries, write_manifest,
-                                write_outcomes, format_counts)
+from pipelines.manifest import (OUTCOME_SCHEMA, format_counts, hash_inputs, open_job, shard_entries, write_manifest,
+                                write_outcomes)
 from pipelines.safety import UrlPolicy
+from training.storage import join
 
 
 @task(name="read-metadata")
@@ -76,10 +77,7 @@ def build_image_dataset(metadata: list[str], out: str, cfg: ImageDataConfig, pol
     }, schema=OUTCOME_SCHEMA)
     outcomes = pa.concat_tables([fetched, filtered_rows])
     samples = _shard_samples(out)
-    fs, root = fsspec.core.url_to_fs(join(out, "shards"))
-    shards = shard_entries(fs, root, list(samples), samples)
-    for entry in shards:
-        entry["name"] = f"shards/{entry['name']}"
+    shards = shard_entries(out, samples)
     write_outcomes(out, outcomes)
     return write_manifest(out, kind="images", inputs=metadata, inputs_hash=inputs_hash, settings=settings,
                           outcomes=outcomes, shards=shards, extra={"egress": egress, "input_rows": len(table)})

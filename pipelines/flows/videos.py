@@ -12,16 +12,15 @@ inputs and settings resumes; other inputs or settings in the same folder are ref
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-import fsspec
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 
-from pipelines.config import RETIRED_VIDEO_SETTINGS, VideoDataConfig, load_config
+from pipelines.config import VideoDataConfig, load_config
 from pipelines.flows import run_step
-from pipelines.manifest import format_counts, hash_inputs, join, open_job, shard_entries, write_manifest, write_outcomes
+from pipelines.manifest import format_counts, hash_inputs, open_job, shard_entries, write_manifest, write_outcomes
 from pipelines.safety import UrlPolicy
 from pipelines.videos.download import download_videos
 from pipelines.videos.readers import read_hdvila, read_webvid, rewrite_urls
@@ -79,16 +78,10 @@ def build_video_dataset(sources: list[tuple[str, str]], out: str, cfg: VideoData
     settings = {"videos": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json"),
                 "sources": [kind for kind, _ in sources], "rewrite_base": rewrite_base}
     inputs_hash = hash_inputs(inputs)
-    # Jobs started before those settings were retired hashed them too.
-    earlier = {**settings, "videos": {**settings["videos"], **RETIRED_VIDEO_SETTINGS}}
-    open_job(out, kind="videos", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite,
-             earlier_forms=[earlier])
+    open_job(out, kind="videos", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
     rows = run_step(read_sources, sources, rewrite_base)
     outcomes, egress, samples = run_step(download_task, rows, cfg, policy, out, distributor, retry_failed)
-    fs, root = fsspec.core.url_to_fs(join(out, "shards"))
-    shards = shard_entries(fs, root, list(samples), samples)
-    for entry in shards:
-        entry["name"] = f"shards/{entry['name']}"
+    shards = shard_entries(out, samples)
     write_outcomes(out, outcomes)
     sources_rows = {kind: sum(1 for s in rows["source"].to_pylist() if s == kind) for kind in READERS}
     return write_manifest(out, kind="videos", inputs=inputs, inputs_hash=inputs_hash, settings=settings,

@@ -20,8 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.egress import EgressProxy, environment
-from pipelines.manifest import OUTCOME_SCHEMA, join
+from pipelines.manifest import OUTCOME_SCHEMA
 from pipelines.safety import UrlPolicy, check_url, system_resolve
+from training.storage import join
 
 # Substrings of img2dataset's error messages -> the reason we record. First match wins.
 _REASONS = (
@@ -62,7 +63,7 @@ def run_img2dataset(url_list: str, shards: str, *, image_size: int, samples_per_
 
     dist = _distributor(distributor)
     if dist == "ray":
-        import ray
+        import ray  # seconds to import: only with the ray distributor
 
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
                  runtime_env={"env_vars": proxy_env})

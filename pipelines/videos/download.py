@@ -29,16 +29,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import decord
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from omegaconf import OmegaConf
 
 from pipelines.egress import EgressProxy, environment
 from pipelines.images.download import decide_urls
-from pipelines.manifest import OUTCOME_SCHEMA, join
+from pipelines.manifest import OUTCOME_SCHEMA
 from pipelines.safety import UrlPolicy
 from pipelines.videos.workers import CheckedDownloader, ClipAndResize, ClipsOnlyWriter, NoYtDlp
+from training.storage import join
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")  # what video2dataset fetches without yt-dlp
 REASONS = ("refused", "http_404", "http_error", "timeout", "html", "too_big", "truncated", "too_many_redirects",
@@ -141,15 +144,13 @@ class ShardRunner:
 def _restore_decord_bridge() -> None:
     """video2dataset's dataloader sets decord's process-wide bridge to torch when it is imported;
     everything else in this process reads frames as decord NDArrays (`.asnumpy()`), so put it back."""
-    import decord
-
     decord.bridge.set_bridge("native")
 
 
 def make_worker(shards: str, column_list: list[str], *, clip_size: int, samples_per_shard: int, threads: int,
                 timeout_s: float, max_bytes: int, proxy_url: str, tmp_dir: str) -> Any:
     """video2dataset's DownloadWorker (webdataset shards, no caption) with the parts above in place."""
-    from omegaconf import OmegaConf
+    # video2dataset takes seconds to import (torch) and resets decord's bridge: only where clips are fetched
     from video2dataset.configs import CONFIGS
     from video2dataset.workers import DownloadWorker
 
@@ -202,7 +203,7 @@ def run_shards(runner: ShardRunner, shards: list[tuple[str, int]], distributor: 
 def _run_ray(runner: ShardRunner, shards: list[tuple[str, int]]) -> list[tuple[bool, tuple[str, int]]]:
     """Each shard as a Ray task (video2dataset has no Ray distributor). The runner carries the proxy
     address, so the task needs no runtime_env; the proxy must be reachable from the workers."""
-    import ray
+    import ray  # seconds to import: only with the ray distributor
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
@@ -298,7 +299,7 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
     `retry_failed`: after the normal (resuming) pass, the failed downloads are fetched once more into
     new shards numbered after the existing ones; a row's latest outcome is the one recorded.
     """
-    from video2dataset.input_sharder import InputSharder
+    from video2dataset.input_sharder import InputSharder  # seconds to import (torch): only when fetching
 
     _restore_decord_bridge()
     work, shards, tmp_dir = join(out, "_work"), join(out, "shards"), _local_tmp(out)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import requests  # video2dataset's HTTP client
+from requests.exceptions import ChunkedEncodingError
 
 from pipelines.videos.readers import check_span
 
@@ -38,8 +40,6 @@ class CheckedDownloader:
     tmp_dir: str
 
     def __call__(self, url: str) -> tuple[dict[str, str], None]:
-        import requests  # video2dataset's HTTP client
-
         with requests.Session() as session:
             session.trust_env = False  # the proxy below, never an environment's no_proxy exceptions
             session.proxies = {"http": self.proxy_url, "https": self.proxy_url}
@@ -81,8 +81,6 @@ def _check_response(resp: Any) -> None:
 def _read_capped(resp: Any, max_bytes: int) -> bytes:
     """The body, up to max_bytes. A body cut short raises in urllib3 ("truncated"), unless the proxy
     cut it at max_bytes ("too_big")."""
-    from requests.exceptions import ChunkedEncodingError
-
     body = io.BytesIO()
     try:
         for chunk in resp.iter_content(64 * 1024):
@@ -195,7 +193,7 @@ class ClipsOnlyWriter:
 
     def __init__(self, shard_id: int, output_folder: str, save_caption: bool, oom_shard_count: int,
                  schema: pa.Schema, encode_formats: dict) -> None:
-        from video2dataset.data_writer import WebDatasetSampleWriter
+        from video2dataset.data_writer import WebDatasetSampleWriter  # seconds to import (torch): in the writer only
 
         self.inner = WebDatasetSampleWriter(shard_id, output_folder, save_caption, oom_shard_count, schema,
                                             encode_formats)

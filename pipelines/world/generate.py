@@ -88,7 +88,7 @@ class WorldSummary:
         return self.table()
 
 
-def _english(caption: str) -> str:
+def fix_articles(caption: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", caption)
 
 
@@ -106,7 +106,7 @@ def _plan(rng: np.random.Generator, config: WorldConfig, n: int, bad: tuple[str,
     return [rows[i] for i in rng.permutation(n)]
 
 
-def _backgrounds(config: WorldConfig, colour: str) -> list[str]:
+def backgrounds_for(config: WorldConfig, colour: str) -> list[str]:
     """The backgrounds a shape of `colour` is drawn on: those that differ enough from the colour."""
     rgb = np.asarray(config.colours[colour])
     return [b for b, v in config.backgrounds.items()
@@ -115,7 +115,7 @@ def _backgrounds(config: WorldConfig, colour: str) -> list[str]:
 
 def renderable_triples(config: WorldConfig) -> list[tuple[str, str, str]]:
     """Every (shape, colour, background) triple the world can draw, sorted."""
-    return sorted((s, c, b) for s in config.shapes for c in config.colours for b in _backgrounds(config, c))
+    return sorted((s, c, b) for s in config.shapes for c in config.colours for b in backgrounds_for(config, c))
 
 
 def held_out_triples(config: WorldConfig) -> set[tuple[str, str, str]]:
@@ -134,7 +134,7 @@ def _scene(rng: np.random.Generator, config: WorldConfig, avoid: set[tuple[str, 
     while True:
         colour = _pick(rng, config.colours)
         scene = {"shape": _pick(rng, config.shapes), "colour": colour, "size": _pick(rng, config.sizes),
-                 "background": _pick(rng, _backgrounds(config, colour))}
+                 "background": _pick(rng, backgrounds_for(config, colour))}
         if (scene["shape"], colour, scene["background"]) not in avoid:
             return scene
 
@@ -160,7 +160,7 @@ def _image_caption(rng: np.random.Generator, config: WorldConfig) -> str:
     return VIDEO_TEMPLATES[motion].replace("{direction}", _pick(rng, caption_directions(motion)))
 
 
-def _plan_images(rng: np.random.Generator, config: WorldConfig) -> list[dict]:
+def plan_images(rng: np.random.Generator, config: WorldConfig) -> list[dict]:
     rows, avoid = [], held_out_triples(config)
     for i, (category, detail) in enumerate(_plan(rng, config, config.n_images, LAION_BAD, config.redirect_rows)):
         scene = _scene(rng, config, avoid)
@@ -168,7 +168,7 @@ def _plan_images(rng: np.random.Generator, config: WorldConfig) -> list[dict]:
         r = config.sizes[scene["size"]] * rng.uniform(0.9, 1.1)
         edge = HALF_EXTENT[scene["shape"]] * r
         cx, cy = (float(np.clip(p + rng.uniform(-0.03, 0.03), edge, 1 - edge)) for p in POSITIONS[scene["position"]])
-        caption = _english(_image_caption(rng, config).format(where=WHERE[scene["position"]], **scene))
+        caption = fix_articles(_image_caption(rng, config).format(where=WHERE[scene["position"]], **scene))
         text = caption
         if category == "toxic":
             word = _pick(rng, TOXIC_SAMPLE)
@@ -197,8 +197,8 @@ def _ensure_nulls(rows: list[dict], config: WorldConfig) -> None:
             ok[0][column] = None
 
 
-def _plan_videos(rng: np.random.Generator, config: WorldConfig, n: int, bad: tuple[str, ...],
-                 redirects: int, id_of) -> list[dict]:
+def plan_videos(rng: np.random.Generator, config: WorldConfig, n: int, bad: tuple[str, ...],
+                redirects: int, id_of) -> list[dict]:
     small, large = min(config.sizes.values()), max(config.sizes.values()) * config.grow_to
     videos = []
     for i, (category, detail) in enumerate(_plan(rng, config, n, bad, redirects)):
@@ -215,7 +215,7 @@ def _plan_videos(rng: np.random.Generator, config: WorldConfig, n: int, bad: tup
         path = f"/files/videos/{sample_id}.mp4"
         videos.append({"sample_id": sample_id, "row": i, "expected": category, "detail": detail, **scene,
                        "motion": motion, "params": params, "seconds": seconds,
-                       "caption": _english(VIDEO_TEMPLATES[motion].format(**words)), "path": path,
+                       "caption": fix_articles(VIDEO_TEMPLATES[motion].format(**words)), "path": path,
                        "url_path": _url_path(path, detail, category)})
     return videos
 
@@ -312,11 +312,11 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     started = time.perf_counter()
     _prepare(root, overwrite)
     # One random stream per source: changing the video counts leaves the images as they were.
-    images = _plan_images(np.random.default_rng([config.seed, 0]), config)
-    webvid = _plan_videos(np.random.default_rng([config.seed, 1]), config, config.n_videos, WEBVID_BAD,
-                          config.redirect_rows, lambda i: str(1_000_000 + i))
+    images = plan_images(np.random.default_rng([config.seed, 0]), config)
+    webvid = plan_videos(np.random.default_rng([config.seed, 1]), config, config.n_videos, WEBVID_BAD,
+                         config.redirect_rows, lambda i: str(1_000_000 + i))
     hd_rng = np.random.default_rng([config.seed, 2])
-    hdvila = _plan_videos(hd_rng, config, config.n_hdvila_videos, HDVILA_BAD, 0, lambda i: f"hdv{i:05d}")
+    hdvila = plan_videos(hd_rng, config, config.n_hdvila_videos, HDVILA_BAD, 0, lambda i: f"hdv{i:05d}")
     _add_clips(hd_rng, config, hdvila)
 
     # Threads suffice: ffmpeg encodes in its own processes and numpy drawing releases the GIL.

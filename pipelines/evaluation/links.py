@@ -17,16 +17,26 @@ seed + i, so the same arguments give the same figures.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
-from pipelines.evaluate import EvalConfig, detect_object, parse_prompt
+from model.cascade import to_uint8
+from model.cascade_stages import decode_images, image_embedding, sample_prior, text_embedding
+from model.cascade_uses import to_base
+from pipelines.evaluation.prompts import parse_prompt
+from pipelines.evaluation.scorer import EvalConfig, detect_object
+from pipelines.evaluation.tracking import experiment_of, weights_used
+from pipelines.generate import load_cascade, tracking_uri_of
 from pipelines.world.config import POSITIONS, WorldConfig
-from pipelines.world.generate import _backgrounds
+from pipelines.world.generate import backgrounds_for
 from pipelines.world.shapes import HALF_EXTENT, render
+from training.tracking import MlflowTracker, tracked_run
 
 LINKS = ("text", "prior", "decoder", "keyframe")
 JITTER = 0.03  # the world's LAION images sit within this of their named position (fraction of the side)
@@ -44,7 +54,7 @@ def candidate_renders(world: WorldConfig, background: str,
     """Every (shape, colour) the world draws on `background`, centred, at each of `sizes`: (shape, colour)
     labels and (K, S, S, 3) uint8."""
     side = world.image_size
-    scenes = [(s, c, z) for s in world.shapes for c in world.colours if background in _backgrounds(world, c)
+    scenes = [(s, c, z) for s in world.shapes for c in world.colours if background in backgrounds_for(world, c)
               for z in sizes]
     images = np.stack([render(side, world.backgrounds[background], s, world.colours[c], side / 2, side / 2,
                               world.sizes[z] * side) for s, c, z in scenes])
@@ -67,9 +77,7 @@ def scene_renders(world: WorldConfig, shape: str, colour: str, background: str, 
     return np.stack(out)
 
 
-def _pixels(images: np.ndarray):
-    import torch
-
+def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -82,10 +90,6 @@ def link_scores(cascade: Any, world: WorldConfig, prompts: Sequence[Any], draws:
     """One row per prompt (`PromptSpec`s, or anything with text/shape/colour/background/held_out): the four
     links' scores in [0, 1] and what each link showed most often ("<colour> <shape>"). Prompt i's draws use
     seed + i, so a row depends only on its prompt and position."""
-    import torch
-
-    from model.cascade import decode_images, image_embedding, sample_prior, text_embedding, to_base, to_uint8
-
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     eval_cfg = eval_cfg or EvalConfig()
@@ -171,15 +175,8 @@ def evaluate_links(cfg: Any, *, world: WorldConfig, prompts: Sequence[Any], out_
     """Load CLIP, the prior and D, read the links of every prompt, write links.json into `out_dir`, log an
     MLflow run "evaluate-links" (links/<name> metrics overall, links/held_out/..., links/seen/...) and print
     the table. Returns run_id, rows, summary, table."""
-    import json
-    from pathlib import Path
-
-    from pipelines.flows.evaluate import weights_used
-    from pipelines.generate import load_cascade, resolve_tracking_uri
-    from training.tracking import MlflowTracker, tracked_run
-
     started = time.perf_counter()
-    uri = resolve_tracking_uri(cfg, tracking_uri)
+    uri = tracking_uri_of(cfg, tracking_uri)
     cascade = load_cascade(cfg, weights, uri, stop_at="prior", device=device, extra=("decoder",))
     rows = link_scores(cascade, world, prompts, draws, seed)
     summary = summarise_links(rows)
@@ -190,8 +187,7 @@ def evaluate_links(cfg: Any, *, world: WorldConfig, prompts: Sequence[Any], out_
     print(f"evaluate --links: {len(rows)} prompts x {draws} draws, {time.perf_counter() - started:.1f} s\n{table}")
     metrics = {f"links/{'' if name == 'all' else name + '/'}{k}": v
                for name, g in summary.items() for k, v in g.items() if k in LINKS}
-    experiment = getattr(getattr(cfg, "train", None), "experiment", "make-a-video")
-    with tracked_run(MlflowTracker(uri, experiment), "evaluate-links", parent_run_id=parent_run_id,
+    with tracked_run(MlflowTracker(uri, experiment_of(cfg)), "evaluate-links", parent_run_id=parent_run_id,
                      tags={"mav.stage": "evaluate-links"}) as tracker:
         tracker.log_params({"links": {"prompts": len(rows), "draws": draws, "seed": seed, "weights": weights},
                             "weights": weights_used(cascade, weights, uri)})

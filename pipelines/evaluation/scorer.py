@@ -1,8 +1,8 @@
-"""The toy-world quality bar: does a generated video show what its prompt says, and does it move?
+"""The toy-world scorer: does a generated video show what its prompt says, and does it move?
 
 The world is known (pipelines/world), so a video for "a small red circle drifting to the left on a
 blue background" can be checked frame by frame without any learned judge:
-- the prompt is parsed with the world's vocabulary (the caption templates of `pipelines.world.generate`);
+- the prompt is parsed with the world's vocabulary (`pipelines.evaluation.prompts`);
 - per frame the background is the median colour of the border, the object the largest connected region
   far from it; its colour is the nearest named colour, its shape the nearest of templates rendered by
   the world's own `render` (a nearest-neighbour classifier on the world's images, no learned weights),
@@ -19,24 +19,22 @@ background's distance from the named background). `evaluate_videos` adds the mea
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import cv2
+import decord
 import numpy as np
 from pydantic import Field
 
 from model.config import ConfigBase
-from pipelines.world.config import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
-from pipelines.world.generate import WHERE
+from pipelines.evaluation.prompts import Prompt, parse_prompt
+from pipelines.watermark import watermark_mask
+from pipelines.world.config import BACKGROUNDS, COLOURS, SHAPES, SIZES
 from pipelines.world.shapes import render
 from pipelines.world.videos import DIRECTIONS
 
-# Word stems of the motions, in the order they are tried ("moving to the left" is a drift).
-MOTION_WORDS = {"drift": "drift", "bounc": "bounce", "grow": "grow", "pan": "pan", "mov": "drift"}
-_DIRECTED = r"(?:drifting|drifts|drift|moving|moves|pans|panning|pan)"
 # Blurs (px) of the templates: codecs subsample colour, so a shape that differs from its background mostly
 # in hue (purple on blue) arrives blurred; it is matched against equally blurred templates.
 TEMPLATE_BLURS = (0.0, 0.8, 1.4)
@@ -58,53 +56,6 @@ class EvalConfig(ConfigBase):
     min_texture: float = Field(0.5, description="mean squared grey-level gradient (smaller eigenvalue) a background "
                                "needs to track the camera; the world's pan dots give ~4, plain colours ~0")
     max_background_error: float = Field(60.0, description="RGB distance at which background quality is 0")
-
-
-# ----------------------------------------------------------------------------- prompts
-
-@dataclass(frozen=True)
-class Prompt:
-    """What a caption asks for; None where it does not say."""
-
-    shape: str | None = None
-    colour: str | None = None
-    background: str | None = None
-    size: str | None = None
-    position: str | None = None
-    motion: str | None = None
-    direction: str | None = None
-
-
-def _alternation(words) -> str:
-    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-
-
-def parse_prompt(text: str) -> Prompt:
-    """Parse the world's image and video caption phrasings (and free variations of them: word order,
-    'grey', 'centre', plural shapes). The background is '<name> background' or 'on/against <name>'; the
-    object's colour is the colour word nearest before the shape word once the background is removed."""
-    t = " " + re.sub(r"[^a-z ]+", " ", text.lower().replace("grey", "gray").replace("centre", "center")) + " "
-    t = re.sub(r"\s+", " ", t)
-    bg_names, shapes = _alternation(BACKGROUNDS), _alternation(SHAPES)
-    match = re.search(rf"\b({bg_names}) background\b", t) or \
-        re.search(rf"\b(?:on|against) (?:an? |the )?({bg_names})\b(?! (?:{shapes})s?\b)", t)
-    background = match.group(1) if match else None
-    rest = t[:match.start(1)] + t[match.end(1):] if match else t
-    shape_match = re.search(rf"\b({shapes})s?\b", rest)
-    colour_matches = list(re.finditer(rf"\b({_alternation(COLOURS)})\b", rest))
-    before = [m for m in colour_matches if shape_match and m.start() < shape_match.start()]
-    colour = (before[-1] if before else colour_matches[0]).group(1) if colour_matches else None
-    size = re.search(rf"\b({_alternation(SIZES)})\b", t)
-    position = next((name for name, phrase in sorted(WHERE.items(), key=lambda kv: -len(kv[1]))
-                     if f" {phrase} " in t), None)
-    if position is None:
-        found = re.search(rf"\b(?:at|in|on) the ({_alternation(POSITIONS)})\b", t)
-        position = found.group(1) if found else None
-    motion = next((m for stem, m in MOTION_WORDS.items() if re.search(rf"\b{stem}", t)), None)
-    direction = re.search(rf"\b{_DIRECTED} ({_alternation(DIRECTIONS)})\b", t)
-    return Prompt(shape=shape_match.group(1) if shape_match else None, colour=colour, background=background,
-                  size=size.group(1) if size else None, position=position, motion=motion,
-                  direction=direction.group(1) if direction else None)
 
 
 # ----------------------------------------------------------------------------- one frame
@@ -380,13 +331,10 @@ def read_back(path: str, prompt: str, cfg: EvalConfig | None = None, watermark=N
     the scene, so an object partly under it is read from what shows (with the label read, its dark box joins
     the object and a circle there reads as a triangle). {"frames", "faithful_frames" (shape and colour as the
     prompt says), "shape_frames", "colour_frames", "temporal_consistency"}."""
-    import decord
-
     reader = decord.VideoReader(str(path))
     frames = reader.get_batch(list(range(len(reader)))).asnumpy()  # (F, H, W, 3) uint8
     ignore = None
     if watermark is not None and watermark.enabled:
-        from pipelines.watermark import watermark_mask
         ignore = watermark_mask(frames.shape[1:3], watermark)
     score = evaluate_video(frames, prompt, cfg, ignore)
     n = score["n_frames"]
