@@ -42,7 +42,7 @@ system-deps:
 $(STAMP): pyproject.toml constraints.txt | system-deps
 	@echo "building $(VENV) (a few minutes the first time)"
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	@# uv (from PyPI, pinned) installs the ~4 GB stack in parallel; pip did it one wheel at a time.
+	@# uv (from PyPI, pinned) installs the ~4 GB stack in parallel, where pip installs one wheel at a time.
 	$(PIP) install -q -c constraints.txt uv
 	$(UV) -q -c constraints.txt -e .
 	@# The dataset tools' declared requirements conflict with the stack; their real needs are in pyproject.

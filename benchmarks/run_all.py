@@ -26,6 +26,8 @@ BENCHES = {  # name -> (script, what the ratio compares)
     "sampling": ("bench_sampling.py", "seconds per cascade stage and peak memory, tiny and toy presets"),
     "data": ("bench_data.py", "image stages' data path: ms per batch with the last shards' embeddings tables "
              "kept over one table"),
+    "loader": ("bench_loader.py", "input path per stage: loader samples/s (2 DataLoader workers) over training-step "
+               "samples/s (toy preset, CPU), and loader workers a paper-run GPU needs"),
 }
 
 
@@ -72,7 +74,20 @@ def _rows(name: str, data: dict) -> list[str]:
                 f"| last {data['tables_kept']} tables kept | {data['ms_per_batch_tables_kept']} |",
                 f"| speed-up ({data['images']} images in {data['shards']} shards, batch {data['batch']}, "
                 f"shuffle buffer {data['shuffle_buffer']}) | {data['speedup']:.2f}x |"]
+    if name == "loader":
+        return _loader_rows(data)
     return [f"| {k} | {json.dumps(v)[:120]} |" for k, v in data.items() if not isinstance(v, (list, dict))]
+
+
+def _loader_rows(data: dict) -> list[str]:
+    rows = [f"| {stage} (toy, batch {s['batch']}) | {s['step_samples_per_s']} | {s['loader_inline_samples_per_s']} | "
+            f"{s['loader_2_workers_samples_per_s']} | {s['loader_2_workers_over_step']:.2f}x |"
+            for stage, s in data.get("stages", {}).items()]
+    rows += ["", "| stage (paper sizes, 8 x H100 80GB) | GPU step s | GPU samples/s | one worker's samples/s | "
+             "workers per GPU |", "|---|---:|---:|---:|---:|"]
+    rows += [f"| {stage} | {g['gpu_step_s']} | {g['gpu_samples_per_s']} | {g['worker_samples_per_s']} | "
+             f"{g['workers_per_gpu']} |" for stage, g in data.get("paper_gpu", {}).items()]
+    return rows
 
 
 HEADERS = {
@@ -83,6 +98,8 @@ HEADERS = {
                 "\n|---|---:|---:|",
     "data": "| embeddings tables kept | ms per batch |\n|---|---:|",
     "decode": "| target fps | decord frames/s | PyAV frames/s | decord/PyAV |\n|---|---:|---:|---:|",
+    "loader": "| stage | step samples/s | loader inline samples/s | loader 2 workers samples/s | loader/step |"
+              "\n|---|---:|---:|---:|---:|",
 }
 
 

@@ -214,52 +214,24 @@ def _toy() -> CascadeConfig:
                       head_dim=32, cond_dim=64, cond_tokens=4, cond_map=8)
     # The SR stages see the low-res frame: where things go is given; no cond_map.
     sr = unet.model_copy(update={"lowres_cond": True, "attn_levels": (), "channel_mult": (1, 2), "cond_map": 0})
-    # Guidance 3 for Dt too: 1.5 read better on one demo's weights (faithfulness 0.74 against 0.56, 8 prompts
-    # x 4 samples) and worse on the next demo's (0.70 against 0.77, consistency 0.68 against 0.79, 16 x 2),
-    # where its key frames also jumped about; README has the sweep.
+    # Guidance 3 for every base stage: lower scales did not hold up across training runs (docs/SAMPLING.md).
     sampler = SamplerConfig(name="dpmpp_2m", steps=20, guidance_scale=3.0)
     sr_sampler = SamplerConfig(name="dpmpp_2m", steps=10, noise_aug_level=0.1)
-    # A residual x0 net starts as the bilinear upsample and learns detail from there: the SR stages get
-    # tens of steps in the demo, which left a from-scratch net adding grain (12.6 dB vs bilinear's 33.4).
+    # A residual x0 net starts as the bilinear upsample and learns detail from there: the SR stages get only
+    # tens of steps in the demo, too few for a plain net to stop adding grain (docs/SAMPLING.md).
     sr_diffusion = DiffusionConfig(noise_aug_max=0.2, prediction="x0", residual=True)
-    # F guided like Dt: unguided, its new frames came out paler and blurrier than the key frames around them.
-    # Its temporal layers start as the identity, so with the paper's zeroed unknown frames a new frame sees
-    # nothing of its neighbours until they have trained: after F's 150 steps the object jumped between the
-    # key frames' place and its own. known_fill="linear" shows each new frame the blend of its neighbours.
-    # Sampled from pure noise, F still drew the object where no key frame had it (session 11: consistency 0.67
-    # after F against 0.81 at the base stage); fill_strength starts it from that blend, noised (SDEdit). On
-    # the session-11 demo's weights, 16 x 2 after F: consistency 0.65 / 0.74 / 0.79 / 0.81 / 0.83 and CLIPSIM
-    # 0.69 / 0.71 / 0.74 / 0.80 / 0.83 at strength 1 / 0.7 / 0.5 / 0.3 / 0.15, motion share 1.00 ... 0.88.
+    # F guided like Dt (unguided, its new frames come out paler than the key frames). Its new frames see the
+    # blend of their neighbours and start from it noised to 15% (SDEdit); docs/SAMPLING.md has the figures.
     interp_sampler = SamplerConfig(name="dpmpp_2m", steps=10, guidance_scale=3.0)
     return CascadeConfig(
         shape=CascadeShape(frames=8, frame_skip=3, base_size=32, sr_low_size=64, sr_high_size=128),
         clip=ClipConfig(model_name="mav-toy-clip", embed_dim=64, image_size=32, context_length=20),
-        # One prior candidate: re-ranking by the from-scratch CLIP's text-image dot product did not help (session-9
-        # demo's weights, 16 prompts x 4 samples: faithfulness 0.75 / 0.74 / 0.73 with 1 / 2 / 4 candidates).
+        # One prior candidate: re-ranking by the from-scratch CLIP's dot product does not help (docs/SAMPLING.md).
         prior=PriorStage(net=PriorConfig(embed_dim=64, text_len=20, width=128, depth=4, heads=4), sampler=sampler),
         decoder=UNetStage(net=unet, sampler=sampler),
-        # Dt's key frames sometimes hold the object in two places (F renders that as a cross-fade). 4 base
-        # videos per prompt, CLIPSIM less 0.3 x the largest jump: on the session-17 demo's weights, 16 x 2 at
-        # the base stage, faithfulness / consistency / motion share 0.77 / 0.73 / 0.91 sampled plainly; of 4,
-        # 0.80 / 0.75 / 0.91 ranked by CLIPSIM alone, 0.84 / 0.83 / 0.91 with the penalty (0.2-0.5 alike).
-        # D draws the middle frame and Dt the others around it, pulled toward it by reconstruction guidance:
-        # on the session-23 demo's weights, 16 x 2 after sr_high, guidance 20 read 0.79 / 0.81 / 0.94 against
-        # 0.62 / 0.77 / 0.88 with Dt drawing every frame and 0.70 / 0.76 / 0.94 with the key frame held by
-        # replacement alone; on session 25's (a from-scratch demo of guidance 20: 0.85 / 0.85 / 1.00), guidance
-        # 40 read 0.87 / 0.88 / 1.00 with the same seeds; on session 26's (a from-scratch demo of guidance 40:
-        # 0.71 / 0.78 / 1.00) 40 read no better than 20 at the base stage (0.71 / 0.57 against 0.70 / 0.63), so
-        # the two are within one training run's spread. Starting every frame from the key frame
-        # (keyframe_strength 0.8) stops the pans instead. docs/QUALITY.md, sessions 23-26.
-        # D draws 4 key frames per candidate and the 4 of 16 closest to the text in CLIP space go to Dt: D's
-        # key frames alone, the 16 evaluation prompts x 8 seeds, prompt's shape and colour in the best of
-        # 1 / 4 / 16 draws by CLIP: 0.76 / 0.81 / 0.87 on session 26's weights, 0.92 / 0.96 / 0.96 on 25's.
-        # Guidance 40 down to the clean end speckles the key frame's two neighbours (frames 2 and 4 of every
-        # base clip on session 28's weights); without it in the last 30% of the schedule the speckle is gone
-        # (the evaluation's first 8 base clips 0.77 / 0.77 faithful / consistent against 0.75 / 0.64), the 32
-        # videos after sr_high read the same (0.82 / 0.86 / 0.97 against 0.81 / 0.86 / 1.00: F and the SR
-        # stages had smoothed it over) and Dt samples 30% fewer backward passes. docs/QUALITY.md, session 29.
-        # Session 30's from-scratch demo of this preset passed the bar: 0.91 / 0.90 / 0.94, another prompt set
-        # on its weights 0.95 / 0.91 / 1.00; earlier draws of nearly this preset read consistency 0.78-0.86.
+        # D draws the middle frame (best 4 of 16 draws by CLIP) and Dt the others, pulled toward it by
+        # reconstruction guidance that stops before the clean end; of 4 candidates the one nearest the text,
+        # less 0.3 x its largest jump, is kept. Each aid's measured effect is in docs/SAMPLING.md.
         temporal=UNetStage(net=unet.model_copy(update={"temporal": True}), sampler=sampler, candidates=4,
                            jump_penalty=0.3, keyframe="middle", keyframe_guidance=40.0, keyframe_guidance_stop=0.3,
                            keyframe_draws=4),

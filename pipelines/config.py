@@ -80,9 +80,10 @@ def preset_config(name: str) -> PipelineConfig:
         raise ConfigError(f"preset: unknown {name!r}; choose one of {list(PRESETS)}")
     cascade = cascade_preset(name)
     shape = cascade.shape
+    # Datasets keep the largest size a stage reads (images: sr_high, clips: sr_low); each stage resizes on load.
     if name == "paper":
-        data = DataConfig(images=ImageDataConfig(image_size=shape.base_size, processes=16, threads=32),
-                          videos=VideoDataConfig(clip_size=shape.base_size, processes=16))
+        data = DataConfig(images=ImageDataConfig(image_size=shape.sr_high_size, processes=16, threads=32),
+                          videos=VideoDataConfig(clip_size=shape.sr_low_size, processes=16))
     else:
         data = DataConfig(
             images=ImageDataConfig(image_size=shape.sr_high_size, samples_per_shard=64 if name == "tiny" else 1000),

@@ -94,14 +94,14 @@ def test_real_video_native_rate_and_length():
 @pytest.mark.parametrize("fps", [1, 5, 10, 30])
 def test_decode_real_video_at_several_fps(fps):
     path = _real_video()
-    frames, fps_used = decode_clip(path, 16, fps, np.random.default_rng(fps), size=(18, 32))
+    frames, fps_used, *_ = decode_clip(path, 16, fps, np.random.default_rng(fps), size=(18, 32))
     assert frames.shape == (16, 18, 32, 3) and frames.dtype == np.uint8
     assert fps_used == pytest.approx(fps)
 
 
 def test_decode_uses_the_sampled_indices():
     path = _real_video()
-    frames, _ = decode_clip(path, 16, 5, np.random.default_rng(7), size=(18, 32))
+    frames, *_ = decode_clip(path, 16, 5, np.random.default_rng(7), size=(18, 32))
     reader = decord.VideoReader(str(path), width=32, height=18)
     indices, _ = clip_indices(len(reader), reader.get_avg_fps(), 5, 16, np.random.default_rng(7))
     assert np.all(np.diff(indices) == 6)
@@ -110,7 +110,7 @@ def test_decode_uses_the_sampled_indices():
 
 def test_decode_resizes_and_crops_at_decode_time():
     path = _real_video()
-    square, _ = decode_clip(str(path), 4, 30, np.random.default_rng(0), size=24, as_float=True)
+    square, *_ = decode_clip(str(path), 4, 30, np.random.default_rng(0), size=24, as_float=True)
     assert square.shape == (3, 4, 24, 24) and square.dtype == torch.float32  # (C, F, H, W)
     assert -1.0 <= square.min() < square.max() <= 1.0
 
@@ -118,7 +118,7 @@ def test_decode_resizes_and_crops_at_decode_time():
 def test_decode_to_narrow_widths_matches_area_downscale(short_videos):
     # decord cannot emit some narrow widths (16, 48, ...): decode_clip pools a larger decode instead.
     path = short_videos["pattern"]
-    small, _ = decode_clip(path, 4, 24, np.random.default_rng(0), size=(16, 16))
+    small, *_ = decode_clip(path, 4, 24, np.random.default_rng(0), size=(16, 16))
     reader = decord.VideoReader(str(path), width=64, height=64)
     indices, _ = clip_indices(len(reader), reader.get_avg_fps(), 24, 4, np.random.default_rng(0))
     full = torch.from_numpy(reader.get_batch(indices).asnumpy()).permute(0, 3, 1, 2).float()
@@ -140,7 +140,7 @@ def short_videos(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_decode_from_bytes_falls_back_when_too_short(short_videos):
-    frames, fps_used = decode_clip(short_videos["pattern"].read_bytes(), 16, 1, np.random.default_rng(0), size=32)
+    frames, fps_used, *_ = decode_clip(short_videos["pattern"].read_bytes(), 16, 1, np.random.default_rng(0), size=32)
     assert frames.shape == (16, 32, 32, 3) and fps_used == 8.0
 
 

@@ -62,3 +62,13 @@ def test_unknown_field_and_preset_are_named():
         load_config("huge")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config("tiny", overrides=["world.seed"])
+
+
+def test_paper_data_keeps_the_largest_size_a_stage_reads():
+    cfg = preset_config("paper")
+    assert cfg.data.images.image_size == cfg.cascade.shape.sr_high_size == 768
+    assert cfg.data.videos.clip_size == cfg.cascade.shape.sr_low_size == 256
+    assert cfg.train.temporal.video_datasets == cfg.train.sr_low.video_datasets == ("webvid",)
+    assert cfg.train.interpolation.video_datasets == ("webvid", "hdvila")
+    with pytest.raises(ConfigError, match="train.temporal.video_datasets"):
+        load_config("tiny", overrides=["train.temporal.video_datasets=[youtube]"])

@@ -488,6 +488,16 @@ def test_rayjob_runs_mav_train_on_the_cluster():
     cfg = load_config(preset=args.preset, overrides=args.overrides)  # the overrides are valid config
     # Training reads TrainConfig.tracking_uri, not MLFLOW_TRACKING_URI: both must name the same server.
     assert cfg.train.tracking_uri == _kube("ConfigMap")["data"]["MLFLOW_TRACKING_URI"]
+    # The paper preset trains from a pretrained CLIP file: on the models volume of the head (the driver embeds
+    # the images with it) and of the GPU workers (the video stages encode frames with it).
+    clip, claim = cfg.cascade.clip.weights_path, _kube("PersistentVolumeClaim")["metadata"]["name"]
+    assert cfg.train.pretrained_clip and clip
+    for name, pod in _pod_specs(cluster).items():
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if clip.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["persistentVolumeClaim"]["claimName"] == claim and mount["readOnly"], name
+    # Every trained stage is planned for its GPUs (training.plan): the job needs no per-stage tuning.
+    assert all(cfg.train.stage(s).gpu_memory for s in ("prior", "decoder", "temporal", "sr_low", "sr_high"))
 
 
 # --- Ray cluster launcher -------------------------------------------------------------------------------

@@ -136,11 +136,12 @@ IN_PROCESS = ("sr_high", "interpolation", "sr_low")
 
 
 def tiny_config() -> SimpleNamespace:
-    """The tiny preset; the decoder on 2 Ray workers (gloo DDP); the chaos stage runs long enough to fail
-    after a logged step that no checkpoint holds."""
+    """The tiny preset; the decoder on 2 Ray workers (gloo DDP) on the sample split, so that they see the
+    global batches one worker sees; the chaos stage runs long enough to fail after a logged step that no
+    checkpoint holds."""
     train = train_preset("tiny")
     updates = {CHAOS_STAGE: getattr(train, CHAOS_STAGE).model_copy(update={"steps": CHAOS_STEPS}),
-               "decoder": train.decoder.model_copy(update={"num_workers": 2})}
+               "decoder": train.decoder.model_copy(update={"num_workers": 2, "data_split": "samples"})}
     return SimpleNamespace(cascade=cascade_preset("tiny"), train=train.model_copy(update=updates))
 
 

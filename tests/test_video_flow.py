@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import decord
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -30,7 +31,9 @@ from pipelines.safety import UrlPolicy
 from pipelines.videos.download import make_worker
 from pipelines.videos.readers import rewritten_path
 from pipelines.world import generate_world, rebase_world, serve_world, world_preset
+from training.data import VideoDecoder, stage_batches
 from training.lineage import text_fields
+from training.stages import VideoView
 
 pytestmark = pytest.mark.slow
 LOOPBACK = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=3.0)
@@ -174,6 +177,26 @@ def test_world_shards_hold_mp4_clips_at_clip_size_and_no_text(world, world_build
         meta = json.loads(sample["json"])
         if not meta["clips"]:  # a whole WebVid video keeps every frame (24 fps in the world)
             assert meta["frames"] == round(seconds[url[sample["__key__"]]] * 24)
+
+
+def test_a_stage_selects_clips_by_the_dataset_each_clip_records(world_build):
+    """WebVid videos are whole (no span), HD-VILA clips cut spans; a stage configured for one dataset
+    decodes only that dataset's clips, the other's are skipped before decoding."""
+    out, manifest = world_build
+    samples = _samples(out, manifest)
+    by_dataset = Counter(json.loads(s["json"])["dataset"] for s in samples)
+    assert set(by_dataset) == {"webvid", "hdvila"}
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert meta["dataset"] == ("hdvila" if meta["clips"] else "webvid")
+    view, rng = VideoView(size=16, frames=4), np.random.default_rng(0)
+    for wanted in (("webvid",), ("hdvila",), ("webvid", "hdvila")):
+        decode = VideoDecoder(str(out), view, datasets=wanted)
+        read = Counter(json.loads(s["json"])["dataset"] for s in samples if decode(s, rng, 0.0) is not None)
+        assert read == Counter({d: n for d, n in by_dataset.items() if d in wanted})
+    batch = next(stage_batches(str(out), view, global_batch=2, rank=0, world=1, seed=0, total_steps=1,
+                               video_datasets=("hdvila",)))
+    assert batch["video"].shape == (2, 3, 4, 16, 16)
 
 
 def test_kill_mid_shard_then_resume(world, world_build, tmp_path):

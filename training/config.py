@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 from model.config import ConfigBase
 
 STAGES = ("clip", "prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high")
+VIDEO_DATASETS = ("webvid", "hdvila")  # what the video flow records as each clip's `dataset`
+VideoDataset = Literal["webvid", "hdvila"]
 
 
 class StageTrainConfig(ConfigBase):
@@ -19,9 +21,27 @@ class StageTrainConfig(ConfigBase):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int | None = Field(None, ge=1, description="micro-batches per optimiser step on each worker; None: "
+                                   "the plan's (gpu_memory set), else 1")
+    grad_checkpointing: bool | None = Field(None, description="recompute every U-Net block in backward; None: the "
+                                            "plan's (gpu_memory set), else the network config's")
+    sharding: Literal["ddp", "fsdp"] | None = Field(None, description="ddp: a full replica per worker; fsdp: FSDP2, "
+                                                    "every block sharded over the workers; None: the plan's "
+                                                    "(gpu_memory set), else ddp")
+    gpu_memory: str | None = Field(None, description="memory of one GPU, e.g. 80GB: the stage is planned for "
+                                   "num_workers such GPUs (training.plan, `mav plan`), which fills grad_accum, "
+                                   "grad_checkpointing and sharding where they are None")
     shuffle_buffer: int = Field(1000, ge=0, description="samples held to shuffle the stream across shard order "
                                 "(0: shard order); a contrastive loss needs new negatives each epoch")
+    video_datasets: tuple[VideoDataset, ...] | None = Field(
+        None, min_length=1, description="video stages: train only on clips whose shard metadata names one of these "
+        "datasets (the video flow records each clip's `dataset`); None: every clip of the video folder")
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per Ray worker that decode samples "
+                                "ahead of the step (training/data.py); 0: decode in the training loop")
+    data_split: Literal["auto", "shards", "samples"] = Field(
+        "auto", description="shards: each Ray worker reads its own shards; samples: every worker walks all shards "
+        "and keeps its share of each global batch (N workers train as one); auto: shards when there are at "
+        "least as many shards as workers")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     trainable: Literal["all", "temporal"] = Field(
         "all", description="temporal: train only what inflation added to the image decoder (temporal layers, "
@@ -59,6 +79,8 @@ class TrainConfig(ConfigBase):
 
     experiment: str = "make-a-video"
     tracking_uri: str | None = Field(None, description="None: a sqlite file in the run folder")
+    pretrained_clip: bool = Field(False, description="real runs: CLIP comes from cascade.clip.weights_path, which "
+                                  "must be set, and the clip stage is never trained; off: the toy world's CLIP")
     clip: StageTrainConfig = StageTrainConfig()
     prior: StageTrainConfig = StageTrainConfig()
     decoder: StageTrainConfig = StageTrainConfig()
@@ -73,6 +95,11 @@ class TrainConfig(ConfigBase):
         return getattr(self, name)
 
 
+# Make-A-Video's data per video stage: Dt and SR_l on WebVid-10M, F on WebVid-10M and HD-VILA-100M.
+PAPER_VIDEO_DATASETS: dict[str, tuple[VideoDataset, ...]] = {
+    "temporal": ("webvid",), "interpolation": ("webvid", "hdvila"), "sr_low": ("webvid",)}
+
+
 def _all(**kw) -> dict:
     return {s: StageTrainConfig(**kw) for s in STAGES}
 
@@ -84,41 +111,23 @@ def train_preset(name: str) -> TrainConfig:
         return TrainConfig(**_all(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1,
                                   sample_every=4, lr=1e-3, shuffle_buffer=0))
     if name == "toy":
-        # Sized so that `make demo` trains every stage on a 2-core CPU in well under an hour (README has the
-        # measured figures): the decoder gets most of it, as the toy world's quality bar rests on CLIP
-        # encoding the shape and the decoder drawing it. CLIP reads 32 px images (the base size): a step costs
-        # a fifth of one at 64 px, and shape is learnt sooner and less at the seed's mercy. In-memory runs,
-        # zero-shot shape on 1000 held-out images: the seed that at 64 px read 0.32 after 600 steps read 0.74
-        # at 32 px after 600 and 0.90 after 800; over three seeds, 0.75 / 0.90 / 0.75 after 1200 steps, and
-        # seed 0 with 2400 steps 0.86.
+        # Sized so that `make demo` trains every stage on a 2-core CPU in under 90 minutes (README has the
+        # figure): the decoder gets most of it, as the quality bar rests on CLIP encoding the shape and the
+        # decoder drawing it. CLIP reads 32 px images: a fifth of the cost of 64 px, and shape is learnt sooner
+        # and less at the seed's mercy (docs/TRAINING.md).
         common = dict(warmup_steps=20, checkpoint_every=100, log_every=10, lr=5e-4, ema_decay=0.99)
         stages = {
-            # No gradient clipping for CLIP (open_clip's default): with the same init and batches, clipping at
-            # 1.0 left the image embeddings telling shapes apart 0.53 of the time after 600 steps against
-            # 0.87 without (another seed: 0.30 against 0.42 after 400).
+            # No gradient clipping for CLIP (open_clip's default): clipping at 1.0 slows its learning of shape.
             "clip": StageTrainConfig(steps=2400, batch_size=128, sample_every=2400,
                                      **{**common, "lr": 2e-3, "grad_clip": 0.0}),
             "prior": StageTrainConfig(steps=800, batch_size=64, sample_every=800, **common),
-            # 3600 decoder steps: in-memory runs on a demo's images and CLIP embeddings (160 images drawn from
-            # the TRUE embedding), the decoder drew the right shape 0.94 of the time after 3600 steps, 0.89
-            # at step 2400 of the same run; the 2400-step demo decoder read 0.61 on the same images.
+            # 3600 decoder steps: where drawing the right shape from a true CLIP embedding levels off.
             "decoder": StageTrainConfig(steps=3600, batch_size=32, sample_every=3600,
                                         **{**common, "lr": 1e-3, "ema_decay": 0.995, "checkpoint_every": 200}),
-            # History (every weight trained then): 600 steps read base-stage faithfulness 0.41 against 0.29
-            # after 300 (16 videos, same seeds). Batch 8: retrained on one demo's weights, 16 prompts x 4
-            # samples, consistency 0.80 / 0.79 / 0.86 over three training seeds against 0.74 / 0.73 / 0.75 at
-            # batch 4, faithfulness alike (0.67 / 0.61 / 0.66 against 0.58 / 0.67 / 0.65); batch 16 did not add
-            # to it. Dt costs 8.5 min instead of 5.2.
-            # Clips at 4-12 fps (mean 8, the rate the demo samples at): at the default schedule's 8 -> 23 fps,
-            # the late steps' 8-frame clips showed a drift covering a third of what 8 fps shows.
-            # Only the temporal layers and the fps embedding train; the image decoder's spatial weights stay as
-            # learnt on images. Training every weight on the 3-4 s world's 300 clips lost the shape at Dt
-            # (session 20, base stage: shape read 0.58). lr 1e-3 and 800 steps, as the identity-initialised layers
-            # start from nothing (15.9 min here, 14.4 for session 20's 600 steps of every weight). From-scratch
-            # demos, 16 prompts x 2 after sr_high: faithfulness / consistency / motion share 0.79 / 0.87 / 0.97
-            # (session 21) against 0.68 / 0.83 / 0.94 training every weight (session 20); session 22's demo of
-            # this Dt (with 6 candidates and a longer SR_l, since reverted) read 0.56 / 0.78 / 0.81, already
-            # lower at the base stage: one run, not the preset's figure. docs/QUALITY.md.
+            # Only the temporal layers and the fps embedding train: on 300 short clips, training every weight
+            # loses the shape the decoder learnt on images. Batch 8 for consistency; clips at 4-12 fps, around
+            # the 8 fps the demo samples at. lr 1e-3 and 800 steps, as those layers start from the identity.
+            # docs/TRAINING.md has the figures.
             "temporal": StageTrainConfig(steps=800, batch_size=8, sample_every=800, fps_min=4, fps_max=12,
                                          fps_mean=(0.5, 0.5), **{**common, "lr": 1e-3, "trainable": "temporal"}),
             "interpolation": StageTrainConfig(steps=150, batch_size=4, sample_every=150, **common),
@@ -128,7 +137,13 @@ def train_preset(name: str) -> TrainConfig:
         }
         return TrainConfig(**stages)
     if name == "paper":
+        # Planned for 8 x 80GB per stage (training.plan): accumulation, checkpointing and sharding come from
+        # the plan. CLIP is pretrained, not planned. The video stages read the paper's datasets.
         stages = _all(steps=200_000, batch_size=256, warmup_steps=2000, checkpoint_every=5000, log_every=50,
-                      sample_every=5000, num_workers=8, use_gpu=True, precision="bf16", lr=1e-4, ema_decay=0.9999)
-        return TrainConfig(**stages)
+                      sample_every=5000, num_workers=8, use_gpu=True, precision="bf16", lr=1e-4, ema_decay=0.9999,
+                      gpu_memory="80GB")
+        stages["clip"] = stages["clip"].model_copy(update={"gpu_memory": None})
+        for stage, datasets in PAPER_VIDEO_DATASETS.items():
+            stages[stage] = stages[stage].model_copy(update={"video_datasets": datasets})
+        return TrainConfig(pretrained_clip=True, **stages)
     raise ValueError(f"unknown preset {name!r}; choose one of ['paper', 'tiny', 'toy']")

@@ -2,21 +2,31 @@
 
 Image folder: manifest.json (kind "images"), shards/NNNNN.tar with KEY.jpg/.txt/.json (img2dataset's
 webdataset output), embeddings/NNNNN.parquet (key, image_emb, text_emb) beside them.
-Video folder: manifest.json (kind "videos"), shards/NNNNN.tar with KEY.mp4.
+Video folder: manifest.json (kind "videos"), shards/NNNNN.tar with KEY.mp4, and optionally
+embeddings/NNNNN.parquet (key, frame_emb, frame_time) from the embed step (`pipelines.embed_videos`).
 
-How samples reach Ray workers (`split`):
-- "samples" (default): every worker walks the same seeded stream of all shards (a new shard order
-  each epoch) and keeps every world-th sample, so the workers' batches together are exactly the global
-  batch one worker would see. Each worker reads every shard's bytes but decodes only its own samples.
-- "shards": worker r reads shards r, r+world, ... only (less reading for many shards and workers;
-  the global batch then depends on the worker count).
+How samples reach Ray workers (`split`, see `choose_split`):
+- "shards" (what "auto" picks when there are at least as many shards as workers): worker r reads shards
+  r, r+world, ... only, in its own seeded order; across the workers every sample is read once per epoch.
+  The global batch then depends on the worker count.
+- "samples" (what "auto" picks otherwise): every worker walks the same seeded stream of all shards and
+  keeps every world-th sample, so the workers' batches together are exactly the global batch one worker
+  would see (N workers train exactly as one does). Each worker reads every shard's bytes.
 Each sample carries a seed from (seed, stream, position): its random crop, fps and diffusion draws
-follow it, whichever worker decodes it. A resumed run skips the samples of the steps already done.
+follow it, whichever worker decodes it. The stream order is a function of (seed, position) alone
+(training/loaders/stream.py), so a resumed run starts at step * batch directly, without re-reading.
+
+Decoding runs in `loader_workers` DataLoader processes per Ray worker: loader worker w of W decodes this
+worker's chunks (a batch's worth of samples) w, w+W, ... and the DataLoader hands them back in order, so
+the batches do not depend on W. Batches are collated into pinned memory when the device is CUDA.
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
+import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
 import fsspec
@@ -24,15 +34,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from training.loaders.clips import FpsSchedule, decode_sample
+from training.loaders.stream import sample_seed, sample_stream
 from training.stages import ImageView, VideoView
-from training.storage import IMAGE_EXTENSIONS, embeddings_path, join, read_manifest
+from training.storage import EMBEDDINGS, IMAGE_EXTENSIONS, embeddings_path, join, read_manifest
 
 log = logging.getLogger(__name__)
 EMBEDDING_TABLES_KEPT = 8  # shards a shuffle buffer spans at once, with room to spare
-Split = Literal["samples", "shards"]
+EMBEDDINGS_INDEX = "embeddings.json"  # beside the parquets: what they were computed with
+PREFETCH_BATCHES = 2  # batches each rank's loader keeps decoded ahead of the step
+Split = Literal["auto", "samples", "shards"]
 
 
 def shard_urls(root: str, manifest: dict[str, Any]) -> list[str]:
@@ -41,6 +53,14 @@ def shard_urls(root: str, manifest: dict[str, Any]) -> list[str]:
     if not names:
         raise ValueError(f"{root}: the manifest lists no shard with samples")
     return [join(root, name) for name in names]
+
+
+def shard_sizes(root: str, manifest: dict[str, Any]) -> list[int]:
+    """Samples per shard of `shard_urls`, from the manifest (which every dataset of `pipelines/` records)."""
+    shards = [s for s in manifest.get("shards", []) if s.get("samples", 1) > 0]
+    if any("samples" not in s for s in shards):
+        raise ValueError(f"{root}: the manifest does not record each shard's samples")
+    return [int(s["samples"]) for s in shards]
 
 
 def load_embeddings(path: str) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
@@ -60,55 +80,6 @@ def load_embeddings(path: str) -> dict[str, tuple[np.ndarray, np.ndarray] | None
             for i, k in enumerate(keys)}
 
 
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one webdataset tar (any fsspec URL), as {"__key__", "__url__", ext: bytes}."""
-    with fsspec.open(url, "rb") as fh:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": fh}]))
-
-
-def sample_stream(urls: list[str], seed: int, shuffle_buffer: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(position, sample) forever: epoch e visits the shards in an order seeded by (seed, e), and with
-    `shuffle_buffer` > 0 draws each next sample at random from a buffer of that many (webdataset's
-    shuffle, seeded the same way; flushed at the end of each epoch, so an epoch still holds every sample
-    once). Without it, consecutive samples of a shard always share a batch: a contrastive loss then sees
-    the same negatives every epoch."""
-    position, epoch = 0, 0
-    while True:
-        start = position
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(urls))
-        for sample in _shuffled((s for i in order for s in iter_shard(urls[i])), shuffle_buffer, rng):
-            yield position, sample
-            position += 1
-        if position == start:
-            raise ValueError(f"the shards hold no samples: {urls[:3]}")
-        epoch += 1
-
-
-def _shuffled(samples: Iterator[dict[str, Any]], size: int, rng: np.random.Generator
-              ) -> Iterator[dict[str, Any]]:
-    """`samples` through a buffer of `size` (0 or 1: unchanged): once it is full, each new sample takes
-    the place of a random one, which is yielded; the rest leave in random order at the end."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        j = int(rng.integers(size))
-        yield buffer[j]
-        buffer[j] = sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def sample_seed(seed: int, stream: int, position: int) -> int:
-    """A 63-bit seed per sample, independent of which worker holds it."""
-    return int(np.random.SeedSequence([seed, stream, position]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def decode_image(data: bytes, size: int) -> torch.Tensor:
     """JPEG/PNG bytes -> (3, size, size) float in [-1, 1]: short side resized, centre square cropped."""
     with Image.open(io.BytesIO(data)) as img:
@@ -122,24 +93,29 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
     return x.float().div(127.5).sub(1.0)
 
 
-class ImageDecoder:
-    """One image sample -> {"image", "image_emb", "text_emb", "caption"} as its view asks."""
+class EmbeddingTables:
+    """Per-shard parquet tables loaded on first use; the last few are kept (least recently used dropped),
+    as the shuffle buffer mixes samples of the shards it spans."""
 
-    def __init__(self, root: str, view: ImageView) -> None:
-        self.root, self.view = root, view
-        self._tables: dict[str, dict[str, tuple[np.ndarray, np.ndarray] | None]] = {}
+    def __init__(self, root: str, load: Callable[[str], dict]) -> None:
+        self.root, self.load = root, load
+        self._tables: dict[str, dict] = {}
 
-    def _embeddings(self, url: str) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
-        """The shard's embeddings table. The shuffle buffer mixes samples of the shards it spans, so the
-        last few shards' tables are kept (least recently used dropped), not only the current one."""
+    def __call__(self, url: str) -> dict:
         table = self._tables.pop(url, None)
         if table is None:
-            name = url[len(self.root.rstrip("/")) + 1:]
-            table = load_embeddings(embeddings_path(self.root, name))
+            table = self.load(embeddings_path(self.root, url[len(self.root.rstrip("/")) + 1:]))
             while len(self._tables) >= EMBEDDING_TABLES_KEPT:
                 self._tables.pop(next(iter(self._tables)))
         self._tables[url] = table  # now the most recently used
         return table
+
+
+class ImageDecoder:
+    """One image sample -> {"image", "image_emb", "text_emb", "caption"} as its view asks."""
+
+    def __init__(self, root: str, view: ImageView) -> None:
+        self.view, self.tables = view, EmbeddingTables(root, load_embeddings)
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator, progress: float) -> dict | None:
         key, out = sample["__key__"], {}
@@ -151,7 +127,7 @@ class ImageDecoder:
                 log.warning("sample %s skipped: %s", key, err if data is not None else "no image")
                 return None
         if self.view.embeddings:
-            table = self._embeddings(sample["__url__"])
+            table = self.tables(sample["__url__"])
             if key not in table:
                 raise ValueError(f"{sample['__url__']}: sample {key} has no row in its embeddings parquet")
             if table[key] is None:
@@ -163,56 +139,204 @@ class ImageDecoder:
         return out
 
 
-class VideoDecoder:
-    """One video sample -> {"video" (C, F, H, W), "fps"} at an fps drawn from the schedule at `progress`."""
+def load_frame_embeddings(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """key -> (frame times (n,) in seconds, CLIP image embeddings (n, D)) from a video embeddings parquet."""
+    with fsspec.open(path, "rb") as fh:
+        table = pq.read_table(fh)
+    times, embs = table.column("frame_time").to_pylist(), table.column("frame_emb").to_pylist()
+    return {k: (np.asarray(t, np.float32), np.asarray(e, np.float32).reshape(len(t), -1))
+            for k, t, e in zip(table.column("key").to_pylist(), times, embs)}
 
-    def __init__(self, view: VideoView, schedule: FpsSchedule = FpsSchedule()) -> None:
-        self.view, self.schedule = view, schedule
+
+def span_embedding(times: np.ndarray, embs: np.ndarray, start_s: float, end_s: float) -> torch.Tensor:
+    """The renormalised mean of the stored frame embeddings within [start_s, end_s] (the nearest frame
+    when the span falls between stored frames): (D,)."""
+    inside = (times >= start_s - 1e-3) & (times <= end_s + 1e-3)
+    if not inside.any():
+        inside = np.abs(times - (start_s + end_s) / 2) == np.abs(times - (start_s + end_s) / 2).min()
+    mean = torch.from_numpy(embs[inside].mean(0))
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
+class VideoDecoder:
+    """One video sample -> {"video" (C, F, H, W), "fps"} at an fps drawn from the schedule at `progress`,
+    and "clip_emb" (D,) where the dataset has stored frame embeddings (the embed step's
+    embeddings/*.parquet): the mean CLIP embedding of the frames the clip spans."""
+
+    def __init__(self, root: str, view: VideoView, schedule: FpsSchedule = FpsSchedule(),
+                 datasets: tuple[str, ...] | None = None) -> None:
+        self.view, self.schedule, self.datasets = view, schedule, datasets
+        self.tables = EmbeddingTables(root, load_frame_embeddings) if has_video_embeddings(root) else None
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator, progress: float) -> dict | None:
+        if self.datasets is not None and clip_dataset(sample) not in self.datasets:
+            return None
         clip = decode_sample(sample, self.view.frames, self.view.size, rng, None, self.schedule, progress)
-        return None if clip is None else {"video": clip[0], "fps": clip[1]}
+        if clip is None:
+            return None
+        out = {"video": clip.frames, "fps": clip.fps}
+        if self.tables is not None:
+            stored = self.tables(sample["__url__"]).get(sample["__key__"])
+            if stored is None:
+                raise ValueError(f"{sample['__url__']}: sample {sample['__key__']} has no stored frame embeddings")
+            out["clip_emb"] = span_embedding(*stored, clip.start_s, clip.end_s)
+        return out
 
 
-def collate(items: list[dict[str, Any]], tokenizer: Callable | None) -> dict[str, torch.Tensor]:
-    """Stack per-sample tensors; captions become token ids (B, L)."""
-    batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "caption"}
-    if "caption" in items[0]:
+def clip_dataset(sample: dict[str, Any]) -> str | None:
+    """The dataset the video flow recorded for a clip (its KEY.json's "dataset"), None when absent."""
+    try:
+        return json.loads(sample.get("json", b"{}")).get("dataset")
+    except (ValueError, AttributeError):
+        return None
+
+
+def has_video_embeddings(root: str) -> bool:
+    """Whether the embed step finished frame embeddings for every shard of this video dataset (its index
+    lists them all); a dataset without them, or with only some, is conditioned by the frozen CLIP."""
+    path = join(root, EMBEDDINGS, EMBEDDINGS_INDEX)
+    fs, local = fsspec.core.url_to_fs(path)
+    if not fs.exists(local):
+        return False
+    done = json.loads(fs.cat(local)).get("shards", {})
+    names = [s["name"] for s in read_manifest(root, "videos").get("shards", []) if s.get("samples", 1) > 0]
+    return all(name in done for name in names)
+
+
+def stack(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-sample records -> one tensor per field (B, ...) and the captions as a list: a loader worker
+    hands over a chunk as a few tensors, not one per sample."""
+    if not items:
+        return {}
+    return {k: [it[k] for it in items] if k == "caption" else torch.stack([it[k] for it in items])
+            for k in items[0]}
+
+
+def take(parts: list[dict[str, Any]], n: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The first n samples of consecutive stacked parts, and what is left of them."""
+    merged = parts[0] if len(parts) == 1 else {
+        k: sum((p[k] for p in parts), []) if k == "caption" else torch.cat([p[k] for p in parts]) for k in parts[0]}
+    rest = {k: v[n:] for k, v in merged.items()}
+    return {k: v[:n] for k, v in merged.items()}, [rest] if len(rest["seed"]) else []
+
+
+def collate(stacked: dict[str, Any], tokenizer: Callable | None, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A batch as the step takes it: tensors (in pinned memory with `pin`), captions as token ids (B, L)."""
+    batch = {k: (v.pin_memory() if pin else v) for k, v in stacked.items() if k != "caption"}
+    if "caption" in stacked:
         if tokenizer is None:
             raise ValueError("captions need a tokenizer")
-        batch["tokens"] = tokenizer([it["caption"] for it in items])
+        batch["tokens"] = tokenizer(stacked["caption"])
     return batch
 
 
+def choose_split(split: Split, shards: int, world: int) -> Literal["samples", "shards"]:
+    """"auto": each worker its own shards when there are enough of them (and more than one worker),
+    else the sample split; an explicit "shards" with too few shards is refused."""
+    if split == "auto":
+        return "shards" if world > 1 and shards >= world else "samples"
+    if split == "shards" and shards < world:
+        raise ValueError(f"split='shards' needs at least {world} shards, the dataset has {shards}")
+    if split not in ("samples", "shards"):
+        raise ValueError(f"split must be auto, samples or shards, got {split!r}")
+    return split
+
+
+@dataclass(frozen=True)
+class RankStream:
+    """One Ray worker's share of the sample stream, from the position a (re)start begins at."""
+
+    urls: list[str]
+    sizes: list[int]
+    seed: int  # the run's seed; the stream's own seed is seed + stream
+    stream: int  # 0: the shared stream of the sample split; rank + 1: a worker's own shards
+    stride: int  # this worker keeps positions = offset (mod stride)
+    offset: int
+    per_step: int  # stream positions one optimiser step consumes
+    start: int  # the first position to read
+    total_steps: int
+    shuffle_buffer: int
+
+    def owned(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position, sample) of this worker's samples, in stream order."""
+        for position, sample in sample_stream(self.urls, self.seed + self.stream, self.shuffle_buffer,
+                                               self.sizes, self.start):
+            if position % self.stride == self.offset:
+                yield position, sample
+
+
+class SampleSource(torch.utils.data.IterableDataset):
+    """A worker's decoded samples in chunks of `chunk` stream positions, stacked (`stack`), each sample
+    with its "seed"; samples that could not be used are left out. Loader worker w of W decodes chunks w,
+    w+W, ..., so the DataLoader's round-robin hands them back in stream order whatever W is; a chunk per
+    message keeps the hand-over cheap next to decoding."""
+
+    def __init__(self, rank_stream: RankStream, decode: Callable, chunk: int = 1) -> None:
+        super().__init__()
+        self.rank_stream, self.decode, self.chunk = rank_stream, decode, chunk
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rs, records = self.rank_stream, []
+        for i, (position, sample) in enumerate(rs.owned()):
+            if (i // self.chunk) % workers != worker:
+                continue
+            item_seed = sample_seed(rs.seed, rs.stream, position)
+            progress = (position // rs.per_step) / max(rs.total_steps - 1, 1)
+            item = self.decode(sample, np.random.default_rng(item_seed), progress)
+            records.append(item and {**item, "seed": torch.tensor(item_seed, dtype=torch.int64)})
+            if len(records) == self.chunk:
+                yield stack([r for r in records if r])
+                records = []
+
+
+def rank_stream(root: str, kind: str, *, global_batch: int, rank: int, world: int, seed: int, total_steps: int,
+                start_step: int, split: Split, shuffle_buffer: int) -> RankStream:
+    """Which samples this worker reads, and from where a run at `start_step` starts."""
+    manifest = read_manifest(root, kind)
+    urls, sizes = shard_urls(root, manifest), shard_sizes(root, manifest)
+    chosen = choose_split(split, len(urls), world)
+    if rank == 0:  # the process's own stdout, as the loop's progress lines
+        print(f"[data] split={chosen} ({split}): {len(urls)} shards over {world} workers",
+              file=sys.__stdout__ or sys.stdout, flush=True)
+    local = global_batch // world
+    if chosen == "shards":
+        return RankStream(urls[rank::world], sizes[rank::world], seed, rank + 1, 1, 0, local,
+                          start_step * local, total_steps, shuffle_buffer)
+    return RankStream(urls, sizes, seed, 0, world, rank, global_batch, start_step * global_batch, total_steps,
+                      shuffle_buffer)
+
+
 def stage_batches(root: str, view: ImageView | VideoView, *, global_batch: int, rank: int, world: int,
-                  seed: int, total_steps: int, start_step: int = 0, split: Split = "samples",
+                  seed: int, total_steps: int, start_step: int = 0, split: Split = "auto",
                   tokenizer: Callable | None = None, shuffle_buffer: int = 0,
-                  fps: FpsSchedule = FpsSchedule()) -> Iterator[dict[str, torch.Tensor]]:
+                  fps: FpsSchedule = FpsSchedule(), video_datasets: tuple[str, ...] | None = None,
+                  loader_workers: int = 0, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of global_batch / world samples, from step `start_step` on, forever.
     Each batch also holds "seed" (B,) int64, the per-sample seeds for the loss's random draws.
-    Video clips are drawn at fps from `fps` at the step's progress through `total_steps`."""
+    Video clips are drawn at fps from `fps` at the step's progress through `total_steps`; with
+    `video_datasets`, only clips of those datasets are used. `loader_workers` > 0 decodes in that many
+    DataLoader processes, PREFETCH_BATCHES batches ahead."""
     if global_batch % world:
         raise ValueError(f"batch_size {global_batch} does not split over {world} workers")
     kind = "images" if isinstance(view, ImageView) else "videos"
-    urls = shard_urls(root, read_manifest(root, kind))
-    decode = ImageDecoder(root, view) if kind == "images" else VideoDecoder(view, fps)
+    source = rank_stream(root, kind, global_batch=global_batch, rank=rank, world=world, seed=seed,
+                         total_steps=total_steps, start_step=start_step, split=split,
+                         shuffle_buffer=shuffle_buffer)
+    decode = ImageDecoder(root, view) if kind == "images" else VideoDecoder(root, view, fps, video_datasets)
     local = global_batch // world
-    if split == "shards":
-        if len(urls) < world:
-            raise ValueError(f"split='shards' needs at least {world} shards, {root} has {len(urls)}")
-        urls, stream, stride, offset, per_step = urls[rank::world], rank + 1, 1, 0, local
-    else:
-        stream, stride, offset, per_step = 0, world, rank, global_batch
-    items: list[dict[str, Any]] = []
-    for position, sample in sample_stream(urls, seed + stream, shuffle_buffer):
-        if position < start_step * per_step or position % stride != offset:
+    chunks: Any = SampleSource(source, decode, chunk=local)
+    if loader_workers > 0:
+        chunks = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=loader_workers,
+                                             prefetch_factor=max(2, -(-PREFETCH_BATCHES // loader_workers)))
+    parts, count = [], 0
+    for part in chunks:
+        if not part:
             continue
-        item_seed = sample_seed(seed, stream, position)
-        progress = (position // per_step) / max(total_steps - 1, 1)
-        item = decode(sample, np.random.default_rng(item_seed), progress)
-        if item is None:
-            continue
-        items.append({**item, "seed": torch.tensor(item_seed, dtype=torch.int64)})
-        if len(items) == local:
-            yield collate(items, tokenizer)
-            items = []
+        parts.append(part)
+        count += len(part["seed"])
+        while count >= local:
+            batch, parts = take(parts, local)
+            count -= local
+            yield collate(batch, tokenizer, pin_memory)

@@ -26,7 +26,7 @@ class Job:
     experiment: str = "make-a-video"
     run_id: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
-    split: str = "samples"
+    split: str = "auto"  # training.data.choose_split; from_config takes the job's, else train.data_split
     fail_at_step: int | None = None
 
     @classmethod
@@ -35,7 +35,8 @@ class Job:
                    train=StageTrainConfig.model_validate(config["train"]), data=config["data"],
                    run_root=config["run_root"], tracking_uri=config.get("tracking_uri"),
                    experiment=config.get("experiment", "make-a-video"), run_id=config.get("run_id"),
-                   sources=dict(config.get("sources", {})), split=config.get("split", "samples"),
+                   sources=dict(config.get("sources", {})),
+                   split=config.get("split") or config["train"].get("data_split", "auto"),
                    fail_at_step=fail_at_step(config))
 
     def resolved(self) -> dict[str, Any]:

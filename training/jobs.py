@@ -18,6 +18,10 @@ locally, registered, then copied there. An object-store run folder needs a track
   mlflow.db, mlartifacts/ the embedded MLflow store (when no tracking URI is configured)
 
 The driver opens each stage's MLflow run and hands its id to the workers; rank 0 reopens it to log.
+Before any stage trains, the driver resolves every stage's grad_accum, grad_checkpointing and sharding
+(`training.plan.resolve_stage`: the memory plan where `gpu_memory` is set); the workers get the resolved
+configs, MLflow logs them (config/resolved.json, and config/plan.json), and a stage that cannot fit stops
+the run there.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from training.data import shard_urls
 from training.faults import CHAOS_ENV
 from training.job import Job
 from training.loop import run, train_loop_per_worker
+from training.plan import StagePlan, resolve_stage
 from training.registry import resolve_weights
 from training.stages import ImageView, requires, stage_spec
 from training.storage import MANIFEST, embeddings_path, filesystem, hash_settings, join, read_manifest
@@ -60,14 +65,18 @@ def _configs(cfg: Any) -> tuple[CascadeConfig, TrainConfig]:
     return cascade, train
 
 
-def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: str | None) -> str:
-    """The dataset folder a stage reads, checked up front: kind, shards and (if needed) embeddings."""
+def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: str | None,
+               video_datasets: tuple[str, ...] | None = None) -> str:
+    """The dataset folder a stage reads, checked up front: kind, shards, (if needed) embeddings, and clips
+    of the video datasets the stage selects."""
     spec = stage_spec(stage)
     root = images if spec.data == "images" else videos
     if root is None:
         raise ValueError(f"stage {stage} reads {spec.data}: pass the {spec.data} dataset folder (--{spec.data})")
     root = location(root)
     manifest = read_manifest(root, spec.data)
+    if video_datasets is not None:
+        _check_video_datasets(stage, spec.data, root, manifest, video_datasets)
     view = spec.view(cascade)
     if isinstance(view, ImageView) and view.embeddings:
         fs = filesystem(root)
@@ -77,6 +86,46 @@ def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: s
             raise FileNotFoundError(f"stage {stage} needs CLIP embeddings: {missing[0]} is missing "
                                     f"({len(missing)} shards); run the embed flow on this dataset first")
     return root
+
+
+def _check_video_datasets(stage: str, kind: str, root: str, manifest: dict, wanted: tuple[str, ...]) -> None:
+    """A selection of video datasets needs a video stage and a folder that holds rows of one of them."""
+    if kind != "videos":
+        raise ValueError(f"train.{stage}.video_datasets: the {stage} stage reads images, not video clips")
+    rows = manifest.get("source_rows")
+    if rows is None:
+        raise ValueError(f"{root}: the manifest does not record its clips' datasets; rebuild it with the video flow "
+                         f"to select {', '.join(wanted)}")
+    if not any(rows.get(name, 0) for name in wanted):
+        raise ValueError(f"stage {stage} reads {', '.join(wanted)} clips; {root} holds none ({rows})")
+
+
+def check_pretrained_clip(cascade: CascadeConfig, train: TrainConfig, stages: Iterable[str]) -> None:
+    """With train.pretrained_clip, CLIP comes from its file: refuse to start without one, or to train it."""
+    if not train.pretrained_clip:
+        return
+    if cascade.clip.weights_path is None:
+        raise ValueError("train.pretrained_clip: set a local open_clip checkpoint, e.g. "
+                         f"--set cascade.clip.weights_path=/path/{cascade.clip.model_name}.safetensors")
+    if not filesystem(cascade.clip.weights_path).isfile(cascade.clip.weights_path):
+        raise FileNotFoundError(f"cascade.clip.weights_path: no file at {cascade.clip.weights_path}")
+    if "clip" in stages:
+        raise ValueError("stage clip: train.pretrained_clip loads CLIP from cascade.clip.weights_path; "
+                         "it is not trained")
+
+
+Resolved = tuple[CascadeConfig, StageTrainConfig, StagePlan | None]
+
+
+def resolve(stage: str, cfg: Any) -> Resolved:
+    """The stage's configs as its workers train them (`training.plan.resolve_stage`)."""
+    cascade, train_cfg = _configs(cfg)
+    return resolve_stage(stage, cascade, train_cfg.stage(stage))
+
+
+def resolve_all(stages: Iterable[str], cfg: Any) -> dict[str, Resolved]:
+    """Every stage resolved up front: a late stage that cannot fit fails before the first one trains."""
+    return {stage: resolve(stage, cfg) for stage in stages}
 
 
 def location(path: str | Path) -> str:
@@ -213,12 +262,14 @@ def _final_weights(ckpt: Path, folder: Path, stage: str, steps: int) -> Path:
 
 
 def job_config(stage: str, cfg: Any, data: str, run_root: str, *, tracking_uri: str | None = None,
-               experiment: str = "make-a-video", run_id: str | None = None, split: str = "samples") -> dict:
-    """The JSON-able job every worker rebuilds with `Job.from_config` (training/job.py). Upstream weights come from
-    the registry ("mlflow" = models:/mav-<stage>@current); MAV_FAIL_AT_STEP is forwarded (chaos knob)."""
-    cascade, train_cfg = _configs(cfg)
+               experiment: str = "make-a-video", run_id: str | None = None, split: str | None = None,
+               resolved: Resolved | None = None) -> dict:
+    """The JSON-able job every worker rebuilds with `Job.from_config` (training/job.py), with the stage's
+    configs resolved (`resolve`; pass `resolved` to reuse them). Upstream weights come from the registry
+    ("mlflow" = models:/mav-<stage>@current); MAV_FAIL_AT_STEP is forwarded (chaos knob)."""
+    cascade, train, _ = resolved or resolve(stage, cfg)
     return {"stage": stage, "cascade": cascade.model_dump(mode="json"),
-            "train": train_cfg.stage(stage).model_dump(mode="json"), "data": data, "run_root": run_root,
+            "train": train.model_dump(mode="json"), "data": data, "run_root": run_root,
             "tracking_uri": tracking_uri, "experiment": experiment, "run_id": run_id,
             "sources": {dep: "mlflow" for dep in requires(stage, cascade)}, "split": split,
             "fail_at_step": os.environ.get(CHAOS_ENV)}
@@ -226,15 +277,15 @@ def job_config(stage: str, cfg: Any, data: str, run_root: str, *, tracking_uri: 
 
 def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | None = None,
               run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
-              parent_run_id: str | None = None, force: bool = False, split: str = "samples",
-              in_process: bool = False) -> StageResult:
+              parent_run_id: str | None = None, force: bool = False, split: str | None = None,
+              in_process: bool = False, resolved: Resolved | None = None) -> StageResult:
     """Train one stage on Ray Train, register its weights as `mav-<stage>@current`, and return where
     they are. A finished stage (result.json + weights) is skipped unless `force`, which also drops its
     checkpoints so training starts over. `in_process`: train in this process with the same loop instead
     (no Ray; one process whatever num_workers says, which keeps the global batch and the loss curve;
     checkpoints in <run_root>/local/<stage>): for debugging a stage, and where Ray's start-up is the cost."""
     cascade, train_cfg = _configs(cfg)
-    train = train_cfg.stage(stage)
+    check_pretrained_clip(cascade, train_cfg, [stage])
     root = location(run_root)
     if in_process and is_url(root):
         raise ValueError(f"training in this process keeps its checkpoints in a local folder; {root} is a URL")
@@ -248,17 +299,21 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
     if done is not None:
         print(f"[{stage}] already trained: {done.weights_path} (version {done.version}); skipped")
         return done
-    data = stage_data(stage, cascade, images, videos)
+    resolved = resolved or resolve(stage, cfg)  # a stage that cannot fit its GPUs fails before any worker starts
+    train = resolved[1]
+    data = stage_data(stage, cascade, images, videos, train.video_datasets)
     _check_sources({dep: "mlflow" for dep in requires(stage, cascade)}, tracking_uri)
     tracker = MlflowTracker(tracking_uri, experiment or train_cfg.experiment)
     run_id = _stage_run(folder, tracker, stage, parent_run_id, _settings_hash(stage, cfg, data))
     config = job_config(stage, cfg, data, root, tracking_uri=tracking_uri, experiment=tracker.experiment,
-                        run_id=run_id, split=split)
+                        run_id=run_id, split=split, resolved=resolved)
     try:
         with _trained(stage, config, train, root, in_process) as ckpt, _staged(folder) as local:
             weights = _final_weights(ckpt, local, stage, train.steps)
             log_dataset(tracker, data)
             tracker.log_dict({k: v for k, v in config.items() if k != "fail_at_step"}, "config/resolved.json")
+            if resolved[2] is not None:
+                tracker.log_dict(resolved[2].as_dict(), "config/plan.json")
             version = tracker.register_weights(stage, str(weights))
     except BaseException:
         tracker.end("FAILED")
@@ -304,14 +359,17 @@ def stages_for(names: Iterable[str], cascade: CascadeConfig) -> list[str]:
 def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos: str | None = None,
               run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
               parent_run_id: str | None = None, force: bool = False, in_process: bool = False,
-              after_stage: Callable[[str, StageResult], None] | None = None) -> dict[str, StageResult]:
+              after_stage: Callable[[str, StageResult], None] | None = None,
+              resolved: dict[str, Resolved] | None = None) -> dict[str, StageResult]:
     """Run the stages in order, each a child of one parent MLflow run (a new one unless given).
 
     `after_stage(stage, result)` runs once a stage is done (or skipped as done): the pipeline layer
     computes the CLIP embeddings of the image shards there, after `clip` and before the stages that
-    read them."""
+    read them. `resolved`: the stages' configs from `resolve_all`, else resolved here before any stage trains."""
     cascade, train_cfg = _configs(cfg)
     order = stages_for(stages, cascade)
+    check_pretrained_clip(cascade, train_cfg, order)
+    resolved = resolved if resolved is not None else resolve_all(order, cfg)
     uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, location(run_root))
     kw = {"images": images, "videos": videos, "run_root": run_root, "tracking_uri": uri,
           "experiment": experiment, "force": force, "in_process": in_process}
@@ -319,7 +377,7 @@ def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos
     def run_all(parent: str) -> dict[str, StageResult]:
         results = {}
         for stage in order:
-            results[stage] = run_stage(stage, cfg, parent_run_id=parent, **kw)
+            results[stage] = run_stage(stage, cfg, parent_run_id=parent, resolved=resolved.get(stage), **kw)
             if after_stage is not None:
                 after_stage(stage, results[stage])
         return results

@@ -1,9 +1,10 @@
 """The training loop of every stage, as Ray Train runs it on each worker (`train_loop_per_worker`).
 
-One loop for all stages: build the stage (training/stages.py), wrap it for DDP, then AdamW with
-warm-up + cosine LR, gradient accumulation, gradient clipping, an EMA of the weights (training/ema.py),
-autocast from model.precision, per-sample seeded draws (so N workers compute what one worker computes on
-the same global batch). Side effects on rank 0 only: MLflow metrics and previews (training/previews.py),
+One loop for all stages: build the stage (training/stages.py), spread it over the workers (DDP, or FSDP2 by
+`train.sharding`: training/sharding.py), then AdamW with warm-up + cosine LR, gradient accumulation,
+gradient clipping, an EMA of the weights (training/ema.py), autocast from model.precision, per-sample
+seeded draws (so N workers compute what one worker computes on the same global batch). Side effects on
+rank 0 only: MLflow metrics and previews (training/previews.py, from the EMA gathered under FSDP),
 checkpoint folders (training/checkpoints.py, which also says how a restarted worker resumes). The chaos
 knob (training/faults.py) stops a worker on purpose to exercise that restart.
 """
@@ -30,6 +31,7 @@ from training.faults import maybe_fail
 from training.job import Job
 from training.loaders.clips import FpsSchedule
 from training.previews import write_preview
+from training.sharding import is_sharded, skip_grad_sync
 from training.stages import ImageView, SampleRng, Stage, after_step, build_stage
 from training.tracker import NullTracker, Tracker
 from training.tracking import MlflowTracker
@@ -69,16 +71,25 @@ def restrict_trainable(module: nn.Module, trainable: str, stage: str) -> None:
 
 
 def build_state(job: Job, worker: Worker) -> tuple[Stage, State]:
+    """The stage and its trained module spread over the workers by `train.sharding` (None: DDP), with its
+    EMA (sharded alike), AdamW, LR schedule and grad scaler."""
+    sharding = job.train.sharding or "ddp"
+    if sharding == "fsdp" and precision(job, worker) == "fp16":  # the scaler's inf check is per rank
+        raise ValueError(f"train.{job.stage}: sharding=fsdp trains in bf16 or fp32, not fp16")
     torch.manual_seed(job.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     stage, module = build_stage(job.stage, job.cascade, job.load, worker.device)
     restrict_trainable(module, job.train.trainable, job.stage)  # before DDP: it registers what trains
-    net = worker.prepare(module)
+    module = module.to(worker.device)
+    ema = Ema(module, job.train.ema_decay)  # before prepare: an FSDP2 module does not deep-copy
+    net = worker.prepare(module, sharding)
     raw = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    if is_sharded(raw):
+        ema.shard_as(raw)
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=job.train.lr,
                                   weight_decay=job.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, job.train))
     scaler = grad_scaler(precision(job, worker), worker.device)
-    return stage, State(net, raw, Ema(raw, job.train.ema_decay), optimizer, scheduler, scaler)
+    return stage, State(net, raw, ema, optimizer, scheduler, scaler)
 
 
 def precision(job: Job, worker: Worker) -> str:
@@ -100,17 +111,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def train_step(stage: Stage, state: State, batch: dict[str, torch.Tensor], job: Job, worker: Worker) -> float:
     """One optimiser step over grad_accum micro-batches; returns this worker's mean loss."""
-    parts = micro_batches(to_device(batch, worker.device), job.train.grad_accum)
+    parts = micro_batches(to_device(batch, worker.device), job.train.grad_accum or 1)
     total = 0.0
     for i, part in enumerate(parts):
-        sync = i == len(parts) - 1 or not isinstance(state.net, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else state.net.no_sync():
+        with contextlib.nullcontext() if i == len(parts) - 1 else skip_grad_sync(state.net):
             with autocast_context(worker.device, precision(job, worker)):
                 loss = stage.loss(state.net, part, SampleRng(part["seed"])) / len(parts)
             state.scaler.scale(loss).backward()
         total += float(loss.detach())
     state.scaler.unscale_(state.optimizer)
-    if job.train.grad_clip > 0:
+    if job.train.grad_clip > 0:  # over FSDP's DTensor gradients this norm is the global one too
         nn.utils.clip_grad_norm_(state.raw.parameters(), job.train.grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
@@ -184,7 +194,9 @@ def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: T
     batches = stage_batches(job.data, stage.spec.view(job.cascade), global_batch=cfg.batch_size,
                             rank=worker.rank, world=worker.world, seed=cfg.seed, total_steps=cfg.steps,
                             start_step=state.step, split=job.split, tokenizer=tokenizer_for(stage),
-                            shuffle_buffer=cfg.shuffle_buffer, fps=fps_schedule(cfg))
+                            shuffle_buffer=cfg.shuffle_buffer, fps=fps_schedule(cfg),
+                            video_datasets=cfg.video_datasets, loader_workers=cfg.loader_workers,
+                            pin_memory=worker.device.type == "cuda")
     with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-previews-") as previews:
         for batch in batches:
             step = state.step + 1
@@ -194,11 +206,13 @@ def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: T
             if step % cfg.log_every == 0 or step == cfg.steps:
                 loss = global_mean(loss, worker)
                 progress.log(step, loss, state.scheduler.get_last_lr()[0])
-            if worker.rank == 0 and step % cfg.sample_every == 0:
-                with torch.no_grad():
-                    preview = stage.spec.preview(stage, state.ema.module, to_device(batch, worker.device),
-                                                 torch.Generator().manual_seed(cfg.seed))
-                write_preview(preview, Path(previews), tracker, step)
+            if step % cfg.sample_every == 0:
+                ema = state.ema.gathered(worker.rank)  # every rank joins the gather of a sharded EMA
+                if worker.rank == 0:
+                    with torch.no_grad():
+                        preview = stage.spec.preview(stage, ema, to_device(batch, worker.device),
+                                                     torch.Generator().manual_seed(cfg.seed))
+                    write_preview(preview, Path(previews), tracker, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 report_checkpoint(job, worker, state, {"step": step, "loss": loss,
                                                        "samples_per_s": progress.throughput(step)})
@@ -207,14 +221,15 @@ def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: T
     return loss
 
 
-def run(job: Job, worker: Worker) -> dict[str, float]:
-    """Train `job.stage` to `train.steps`, resuming from the worker's checkpoint; returns final metrics."""
+def run(job: Job, worker: Worker, tracker: Tracker | None = None) -> dict[str, float]:
+    """Train `job.stage` to `train.steps`, resuming from the worker's checkpoint; returns final metrics.
+    `tracker`: what rank 0 logs to instead of the job's MLflow run."""
     stage, state = build_state(job, worker)
     with worker.checkpoint() as path:
         if path is not None:
             saved_run = load_checkpoint(Path(path), state).get("mlflow_run_id")
             job.run_id = job.run_id or saved_run
-    tracker = open_tracker(job, worker)
+    tracker = tracker if tracker is not None and worker.rank == 0 else open_tracker(job, worker)
     if state.step == 0:
         tracker.log_params({**job.resolved(), "worker": {"torch_threads": torch.get_num_threads()}})
     elif state.step < job.train.steps:  # a restart: MLflow shows where it resumed from

@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import CascadeConfig
+from model.config import CascadeConfig, UNetConfig
 from model.networks import build_network
 from model.unet import UNetBlock
 from training.config import StageTrainConfig
@@ -33,6 +33,9 @@ RESERVED_BYTES = 3 * GIB  # CUDA context, NCCL buffers and allocator slack kept 
 FRAGMENTATION = 0.10  # share of the remaining memory the caching allocator may lose to fragmentation
 OPTIMIZER_BYTES = 8  # AdamW: two fp32 moments per trainable parameter
 MIN_MICRO_BATCH = 4  # rows per GPU per forward below which a GPU idles on small kernels
+DEFAULT_MFU = 0.35  # model FLOPs utilisation a step-time estimate assumes
+# The stages a plan covers: CLIP is open_clip's network, pretrained for real runs.
+PLANNED_STAGES = ("prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high")
 
 
 @dataclass
@@ -265,7 +268,7 @@ def trainable_params(stage: str, cfg: CascadeConfig, train: StageTrainConfig) ->
 
 
 def plan_cascade(cfg: CascadeConfig, train: Any, stages: tuple[str, ...], gpus: int, gpu_memory: int,
-                 gpu: str = "h100", mfu: float = 0.35) -> list[StagePlan]:
+                 gpu: str = "h100", mfu: float = DEFAULT_MFU) -> list[StagePlan]:
     """A StagePlan per stage (see `plan_stage`); activations are traced at fp32 on the meta device."""
     if gpu not in PEAK_FLOPS:
         raise ValueError(f"unknown GPU {gpu!r}; choose one of {sorted(PEAK_FLOPS)}")
@@ -292,3 +295,31 @@ def format_plan(plans: list[StagePlan], gpus: int, gpu_memory: int, gpu: str, mf
                         if p.fits else f"   DOES NOT FIT: {p.why}"))
         lines += [f"{'':<14}note: {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def resolve_stage(stage: str, cascade: CascadeConfig, train: StageTrainConfig
+                  ) -> tuple[CascadeConfig, StageTrainConfig, StagePlan | None]:
+    """The stage as it trains: grad_accum, grad_checkpointing and sharding all set, and the stage network's
+    `grad_checkpointing` following the training config. A field the config sets wins; the others come from
+    the plan for num_workers GPUs of `gpu_memory` when that is set, else 1, the network config's and ddp.
+    Raises ValueError with the plan's reason when the stage cannot fit, before any worker starts."""
+    stage_cfg = getattr(cascade, stage, None)
+    net = getattr(stage_cfg, "net", None)
+    chosen: dict[str, Any] = {"grad_accum": 1, "grad_checkpointing": bool(getattr(net, "grad_checkpointing", False)),
+                              "sharding": "ddp"}
+    plan = None
+    if train.gpu_memory is not None:
+        if stage not in PLANNED_STAGES:
+            raise ValueError(f"train.{stage}.gpu_memory: the {stage} stage is not planned; unset it")
+        gpus, memory = train.num_workers, parse_memory(train.gpu_memory)
+        plan = plan_stage(stage, trace_stage(stage, cascade, "fp32"), train, gpus, memory, PEAK_FLOPS["h100"],
+                          DEFAULT_MFU, trainable_params(stage, cascade, train))
+        if not plan.fits:
+            raise ValueError(f"stage {stage} cannot fit {gpus} x {train.gpu_memory}: {plan.why}")
+        chosen = {"grad_accum": plan.grad_accum, "grad_checkpointing": plan.checkpointing,
+                  "sharding": plan.sharding}
+    train = train.model_copy(update={k: v for k, v in chosen.items() if getattr(train, k) is None})
+    if isinstance(net, UNetConfig) and net.grad_checkpointing != train.grad_checkpointing:
+        net = net.model_copy(update={"grad_checkpointing": train.grad_checkpointing})
+        cascade = cascade.model_copy(update={stage: stage_cfg.model_copy(update={"net": net})})
+    return cascade, train, plan

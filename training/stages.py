@@ -52,20 +52,32 @@ class VideoView:
 
 class SampleRng:
     """Per-sample random draws through the model's own functions, one torch.Generator per sample seeded
-    from the sample's seed (batch["seed"], (B,) int64), so the draws do not depend on the batch split."""
+    from the sample's seed (batch["seed"], (B,) int64), so the draws do not depend on the batch split.
+    The generators live on the device of the tensors they draw for (created there on first use), so noise
+    is drawn where it is used; on one device every draw of a sample comes from one generator."""
 
     def __init__(self, seeds: torch.Tensor) -> None:
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
+        self.seeds = [int(s) for s in seeds.tolist()]
+        self._gens: dict[torch.device, list[torch.Generator]] = {}
+
+    def on(self, device: torch.device | str) -> list[torch.Generator]:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._gens:
+            self._gens[device] = [torch.Generator(device).manual_seed(s) for s in self.seeds]
+        return self._gens[device]
 
     def timesteps(self, schedule: Schedule, device: torch.device) -> torch.Tensor:
-        return torch.cat([sample_timesteps(schedule, 1, device, g) for g in self.gens])  # (B,)
+        return torch.cat([sample_timesteps(schedule, 1, device, g) for g in self.on(device)])  # (B,)
 
     def noise_like(self, x: torch.Tensor, frame_share: float = 0.0) -> torch.Tensor:
-        return torch.cat([randn_like(x[i:i + 1], g, frame_share) for i, g in enumerate(self.gens)])
+        return torch.cat([randn_like(x[i:i + 1], g, frame_share) for i, g in enumerate(self.on(x.device))])
 
     def drop(self, cond: torch.Tensor | Mapping[str, torch.Tensor], p: float):
         """Classifier-free dropout (`diffusion.drop_condition`), one draw per sample."""
-        rows = [drop_condition(_row(cond, i), p, g) for i, g in enumerate(self.gens)]
+        device = next(iter(cond.values())).device if isinstance(cond, Mapping) else cond.device
+        rows = [drop_condition(_row(cond, i), p, g) for i, g in enumerate(self.on(device))]
         if isinstance(cond, Mapping):
             return {k: torch.cat([r[k] for r in rows]) for k in cond}
         return torch.cat(rows)
@@ -73,11 +85,11 @@ class SampleRng:
     def augment(self, lowres: torch.Tensor, max_level: float, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
         """SR noise-conditioning augmentation at a uniform level in [0, max_level] per sample."""
         outs = [noise_augment(lowres[i:i + 1], random_aug_levels(1, max_level, lowres.device, g), schedule, g)
-                for i, g in enumerate(self.gens)]
+                for i, g in enumerate(self.on(lowres.device))]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def masks(self, frames: int, max_skip: int) -> list[torch.Tensor]:
-        return [sample_train_mask(frames, max_skip, g) for g in self.gens]
+        return [sample_train_mask(frames, max_skip, g) for g in self.on("cpu")]  # drawn as Python ints
 
 
 def _clip_api():
@@ -134,8 +146,12 @@ class Stage:
                              model_kwargs=model_kwargs, prediction=self.cfg.diffusion.prediction,
                              noise=rng.noise_like(x0, self.cfg.diffusion.frame_noise_share))
 
-    def video_embedding(self, video: torch.Tensor) -> torch.Tensor:
-        """The mean CLIP image embedding of a clip's frames, renormalised: (B, C, F, H, W) -> (B, D)."""
+    def video_embedding(self, video: torch.Tensor, stored: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean CLIP image embedding of a clip's frames, renormalised: (B, C, F, H, W) -> (B, D). The
+        loader's `stored` one (batch["clip_emb"], from the embed step's frame embeddings) when the dataset
+        has them, else the frozen CLIP on the clip's frames."""
+        if stored is not None:
+            return stored[:video.shape[0]].to(video.device, torch.float32)
         if self.clip is None:
             raise RuntimeError(f"stage {self.name} needs the frozen CLIP")
         with torch.no_grad():
@@ -177,7 +193,7 @@ def decoder_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> 
 
 def temporal_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> torch.Tensor:
     """Clips at a random fps, conditioned on their frames' mean CLIP image embedding (never text) and fps."""
-    cond = rng.drop(stage.video_embedding(batch["video"]), stage.cfg.diffusion.cond_drop_prob)
+    cond = rng.drop(stage.video_embedding(batch["video"], batch.get("clip_emb")), stage.cfg.diffusion.cond_drop_prob)
     return stage.diffusion_loss(net, batch["video"], rng, cond_emb=cond, fps=batch["fps"])
 
 
@@ -199,7 +215,7 @@ def interpolation_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRn
     the loss covers every frame, known ones included."""
     video = batch["video"]
     extra, _ = known_frames(stage, video, rng)
-    cond = rng.drop(stage.video_embedding(video), stage.cfg.diffusion.cond_drop_prob)
+    cond = rng.drop(stage.video_embedding(video, batch.get("clip_emb")), stage.cfg.diffusion.cond_drop_prob)
     return stage.diffusion_loss(with_extra(net, extra), video, rng, cond_emb=cond, fps=batch["fps"])
 
 
@@ -218,7 +234,7 @@ def sr_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> torch
     high, low, video = _sr_pair(stage, batch)
     base = residual_base(stage.cfg.diffusion, low, high.shape[-1])
     low, t_aug = rng.augment(low, stage.cfg.diffusion.noise_aug_max, stage.schedule)
-    emb = stage.video_embedding(high) if video else batch["image_emb"]
+    emb = stage.video_embedding(high, batch.get("clip_emb")) if video else batch["image_emb"]
     cond = rng.drop(emb, stage.cfg.diffusion.cond_drop_prob)
     fps = {"fps": batch["fps"]} if video else {}
     x0 = high if base is None else high - base
@@ -259,7 +275,7 @@ def decoder_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch.Gener
 
 def temporal_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch.Generator) -> Preview:
     real = batch["video"][:2]
-    kw = {"cond_emb": stage.video_embedding(real), "fps": batch["fps"][:2]}
+    kw = {"cond_emb": stage.video_embedding(real, batch.get("clip_emb")), "fps": batch["fps"][:2]}
     return {"video": stage.draw(net, tuple(real.shape), gen, real.device, model_kwargs=kw).clamp(-1, 1)}
 
 
@@ -267,7 +283,7 @@ def interpolation_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch
     """The clip's known frames held (the samplers' x_known/mask hooks), the others generated."""
     real = batch["video"][:2]
     extra, masks = known_frames(stage, real, SampleRng(batch["seed"][:2]))
-    kw = {"cond_emb": stage.video_embedding(real), "fps": batch["fps"][:2]}
+    kw = {"cond_emb": stage.video_embedding(real, batch.get("clip_emb")), "fps": batch["fps"][:2]}
     out = stage.draw(with_extra(net, extra), tuple(real.shape), gen, real.device, model_kwargs=kw,
                      x_known=real, mask=masks[:, None, :, None, None])
     return {"video": out.clamp(-1, 1)}
@@ -276,7 +292,8 @@ def interpolation_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch
 def sr_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch.Generator) -> Preview:
     high, low, video = _sr_pair(stage, batch, 2)
     base = residual_base(stage.cfg.diffusion, low, high.shape[-1])
-    kw: dict[str, Any] = {"lowres": low, "cond_emb": stage.video_embedding(high) if video else batch["image_emb"][:2]}
+    emb = stage.video_embedding(high, batch.get("clip_emb")) if video else batch["image_emb"][:2]
+    kw: dict[str, Any] = {"lowres": low, "cond_emb": emb}
     if video:
         kw["fps"] = batch["fps"][:2]
     out = around_base(lambda **hooks: stage.draw(net, tuple(high.shape), gen, high.device, model_kwargs=kw,

@@ -1,7 +1,8 @@
 """Where the training loop runs: a Ray Train worker (`RayWorker`), or this process (`LocalWorker`).
 
-The loop sees either through `Worker`: its rank and world size, its device, how to wrap the network
-for DDP, the checkpoint to resume from, and where to report metrics and checkpoint folders.
+The loop sees either through `Worker`: its rank and world size, its device, how to spread the network over
+the workers (DDP, or FSDP2 through training/sharding.py), the checkpoint to resume from, and where to
+report metrics and checkpoint folders. A single worker trains the module as it is, whatever the sharding.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.sharding import device_mesh, shard
+
 
 class Worker(Protocol):
     """What the loop needs from its runner: Ray Train here, plain torch.distributed in the benchmark."""
@@ -22,7 +25,7 @@ class Worker(Protocol):
     world: int
     device: torch.device
 
-    def prepare(self, module: nn.Module) -> nn.Module: ...
+    def prepare(self, module: nn.Module, sharding: str = "ddp") -> nn.Module: ...
 
     def checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
@@ -41,9 +44,11 @@ class RayWorker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
 
-    def prepare(self, module: nn.Module) -> nn.Module:
+    def prepare(self, module: nn.Module, sharding: str = "ddp") -> nn.Module:
         import ray.train.torch
 
+        if sharding == "fsdp" and self.world > 1:  # Ray Train has joined the workers' process group
+            return shard(module.to(self.device), device_mesh(self.device, self.world))
         return ray.train.torch.prepare_model(module)  # to the device; DDP when world > 1
 
     @contextlib.contextmanager
@@ -66,7 +71,7 @@ class RayWorker:
 
 class LocalWorker:
     """The loop's runner without Ray: this process is one worker (rank and world from torch.distributed
-    when it is initialised, DDP then), checkpoints are copied to `folder/step_NNNNNNN`, the last `keep`
+    when it is initialised, DDP or FSDP2 then), checkpoints are copied to `folder/step_NNNNNNN`, the last `keep`
     kept (Ray Train keeps 2 too). For training a stage in this process (`run_stage(in_process=True)`)
     and for the benchmark's plain-PyTorch baseline."""
 
@@ -75,9 +80,13 @@ class LocalWorker:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device, self.folder, self.keep = torch.device(device), Path(folder), keep
 
-    def prepare(self, module: nn.Module) -> nn.Module:
+    def prepare(self, module: nn.Module, sharding: str = "ddp") -> nn.Module:
         module = module.to(self.device)
-        return nn.parallel.DistributedDataParallel(module) if self.world > 1 else module
+        if self.world == 1:
+            return module
+        if sharding == "fsdp":
+            return shard(module, device_mesh(self.device, self.world))
+        return nn.parallel.DistributedDataParallel(module)
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[str | None]:

@@ -29,7 +29,8 @@ def add_train_commands(subparsers: Any) -> None:
     p.add_argument("stage", choices=[*TRAINED_STAGES, "all"])
     add_config_args(p)
     p.add_argument("--images", help="image dataset folder (manifest.json, shards/, embeddings/)")
-    p.add_argument("--videos", help="video dataset folder (manifest.json, shards/)")
+    p.add_argument("--videos", help="video dataset folder (manifest.json, shards/); a video stage reads the clips of "
+                   "its train.<stage>.video_datasets (webvid, hdvila), or all of them")
     p.add_argument("--out", default="runs", help="run folder: a local path or an fsspec URL every node reaches "
                    "(s3://...: then also --set train.tracking_uri=URL or MLFLOW_TRACKING_URI) (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain stages that already finished")

@@ -6,24 +6,33 @@ from pathlib import Path
 
 from prefect import flow
 
-from pipelines.config import PipelineConfig, load_config
+from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.embed import embed_image_dataset
-from training.jobs import StageResult, stages_for, train_all
+from pipelines.embed_videos import embed_video_dataset
+from training.jobs import StageResult, check_pretrained_clip, resolve_all, stages_for, train_all
 
 
 def train_cascade(stages: list[str], cfg: PipelineConfig, images: str | None = None, videos: str | None = None,
                   run_root: str = "runs", *, force: bool = False, tracking_uri: str | None = None,
                   parent_run_id: str | None = None, in_process: bool = False) -> dict[str, StageResult]:
-    """Train `stages` (or ["all"]) and embed the image shards with the CLIP they end up using;
-    `in_process`: without Ray (training.jobs.run_stage)."""
+    """Train `stages` (or ["all"]) and embed the image shards and video frames with the CLIP they end up using;
+    `in_process`: without Ray (training.jobs.run_stage). Each stage reads its part of the data as its
+    training config says (`video_datasets`), and plans its memory when `gpu_memory` is set."""
     clip = cfg.cascade.clip
     filters = cfg.data.images.pixel_filters
+    order = stages_for(stages, cfg.cascade)
+    try:  # before the embeddings and any stage: a missing CLIP file or a stage that cannot fit its GPUs
+        check_pretrained_clip(cfg.cascade, cfg.train, order)
+        resolved = resolve_all(order, cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
     def embed(weights: str | None) -> None:
         if images is not None:
             embed_image_dataset(images, clip, weights, filters=filters if filters.enabled else None)
+        if videos is not None:  # the video stages' condition: frame embeddings, read by the loader
+            embed_video_dataset(videos, clip, weights)
 
-    order = stages_for(stages, cfg.cascade)
     if "clip" not in order and clip.weights_path is not None:
         embed(None)  # pretrained CLIP: embeddings first, from clip.weights_path
 
@@ -32,7 +41,8 @@ def train_cascade(stages: list[str], cfg: PipelineConfig, images: str | None = N
             embed(str(result.weights_path))
 
     return train_all(order, cfg, images=images, videos=videos, run_root=run_root, tracking_uri=tracking_uri,
-                     parent_run_id=parent_run_id, force=force, in_process=in_process, after_stage=after)
+                     parent_run_id=parent_run_id, force=force, in_process=in_process, after_stage=after,
+                     resolved=resolved)
 
 
 @flow(name="train-cascade", log_prints=True)

@@ -54,7 +54,9 @@ JOB_SCHEMA = pa.schema([
     ("row_ids", pa.list_(pa.int64())),            # one per span (or the one WebVid row)
     ("dropped_row_ids", pa.list_(pa.int64())),    # filled by ClipAndResize: spans that gave no clip ...
     ("dropped_reasons", pa.list_(pa.string())),   # ... and why
+    ("dataset", pa.string()),                     # webvid | hdvila: in every clip's .json, for per-stage selection
 ])
+JOB_COLUMNS = ["row_id", "row_ids", "dropped_row_ids", "dropped_reasons", "dataset"]  # carried into each clip's meta
 
 
 def reason_of(message: str | None) -> str:
@@ -105,6 +107,7 @@ def jobs_from_plan(plan: pa.Table) -> pa.Table:
     fetch = plan.filter(pc.equal(plan["decision"], "fetch"))
     jobs: list[tuple[int, str, list]] = []
     videos: dict[str, list[tuple[float, float, int]]] = {}
+    dataset = dict(zip(fetch["row_id"].to_pylist(), fetch["source"].to_pylist()))
     for row in fetch.select(["row_id", "url", "start_s", "end_s"]).to_pylist():
         if row["start_s"] is None:
             jobs.append((row["row_id"], row["url"], [(None, None, row["row_id"])]))
@@ -116,6 +119,7 @@ def jobs_from_plan(plan: pa.Table) -> pa.Table:
     return pa.Table.from_pylist([{
         "url": url, "clips": [[s, e] for s, e, _ in group if s is not None], "row_id": group[0][2],
         "row_ids": [c[2] for c in group], "dropped_row_ids": [], "dropped_reasons": [],
+        "dataset": dataset[group[0][2]],
     } for _, url, group in jobs], schema=JOB_SCHEMA)
 
 @dataclass
@@ -310,7 +314,7 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
     with fs.open(join(work, "to_download.parquet"), "wb") as fh:
         pq.write_table(jobs, fh)
     sharder = InputSharder(join(work, "to_download.parquet"), "parquet", "url", None, "clips",
-                           ["row_id", "row_ids", "dropped_row_ids", "dropped_reasons"], samples_per_shard,
+                           JOB_COLUMNS, samples_per_shard,
                            done_shards(shards), join(work, "v2d_input"))
     egress: dict = {"refused": [], "cut": [], "hosts": [], "retried": 0}
     again = retry_jobs(jobs, collect_outcomes(shards, plan)[0]) if retry_failed and len(jobs) else jobs.slice(0, 0)
@@ -320,8 +324,7 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
             pq.write_table(again, fh)
         offset = max(done_shards(shards), default=-1) + 1
         retry_sharder = InputSharder(join(work, "retry.parquet"), "parquet", "url", None, "clips",
-                                     ["row_id", "row_ids", "dropped_row_ids", "dropped_reasons"],
-                                     samples_per_shard, set(), join(work, f"v2d_retry_{offset}"))
+                                     JOB_COLUMNS, samples_per_shard, set(), join(work, f"v2d_retry_{offset}"))
     if len(jobs):
         fs.makedirs(join(work, "v2d_input"), exist_ok=True)
         os.makedirs(tmp_dir, exist_ok=True)

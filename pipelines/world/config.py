@@ -173,21 +173,14 @@ def _tiny() -> WorldConfig:
 
 def _toy() -> WorldConfig:
     # Images at 128 px serve sr_high of the toy cascade (128); videos at 128 px.
-    # Motion that shows in the second that Dt samples (8 frames at 8 fps): with 6-10 s videos, drifts and pans of
-    # 0.2-0.45 of the side and growth to the largest size, 8-fps windows of the world's own videos moved by the
-    # evaluator's 0.05 in 0.51 of 120 (drift 0.36, pan 0.69, grow 0.00): a faithful Dt failed the motion bar.
-    # With 3-4 s videos, travel 0.35-0.5 and growth to 1.6x the largest size, 1.00 of them move (consistency
-    # 0.99, faithfulness 0.99); docs/QUALITY.md, session 20.
+    # Motion that shows in the second that Dt samples (8 frames at 8 fps): 3-4 s videos, travel 0.35-0.5 and
+    # growth to 1.6x, so every such window of the world's own videos moves (docs/TOY_WORLD.md).
     # Shapes larger than the tiny world's, so that at the 32 px base resolution of the toy cascade even a
     # small one spans ~8 px and its outline (circle, square, triangle, diamond, cross) can be drawn.
     # 12 of the 140 drawable (shape, colour, background) triples never appear in a caption (held out).
-    # A quarter of the alt-text names a motion, as real alt-text of video stills and action photos does; with
-    # none (sessions 4-16) the text encoder had never met "drifting", "bouncing" or "pans" before the
-    # evaluation's video captions, and the prior got embeddings unlike any it was trained on.
-    # 9000 images, not 3000 (session 28): at a fixed step count CLIP saw each of 3000 images ~100 times and
-    # the decoder ~40. The held-out triples are where the text -> key frame chain breaks (`mav evaluate
-    # --links` on session 27's demo: 0.62 of held-out key frames right against 0.89 seen), and more images
-    # show each colour, shape and background in more company; the data costs ~1.5 min more.
+    # A quarter of the alt-text names a motion, as real alt-text of video stills and action photos does, so
+    # the text encoder has met "drifting", "bouncing" or "pans" before the evaluation's video captions.
+    # 9000 images: more company for each colour, shape and background, which held-out triples need.
     return WorldConfig(n_images=9000, n_videos=200, n_hdvila_videos=40, clips_per_video=3,
                        image_size=128, video_size=128, video_seconds=(3, 4), travel=(0.35, 0.5), grow_to=1.6,
                        bad_share=0.05, slow_rows=2,

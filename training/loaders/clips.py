@@ -17,7 +17,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import decord
 import numpy as np
@@ -130,17 +130,27 @@ def _decode_dims(path_or_bytes: str | Path | bytes, size: Size) -> tuple[int, in
     return new_w, new_h, (size, size)
 
 
+class Clip(NamedTuple):
+    """A decoded clip, the fps it was sampled at, and the time span (seconds) its frames cover."""
+
+    frames: np.ndarray | torch.Tensor
+    fps: float
+    start_s: float
+    end_s: float
+
+
 def decode_clip(path_or_bytes: str | Path | bytes, n_frames: int, target_fps: float, rng: np.random.Generator,
-                size: Size = None, as_float: bool = False) -> tuple[np.ndarray | torch.Tensor, float]:
-    """Decode one clip; returns (frames, fps_used).
+                size: Size = None, as_float: bool = False) -> Clip:
+    """Decode one clip; returns (frames, fps_used, start_s, end_s).
 
     frames: uint8 numpy (F, H, W, C) by default, or with `as_float` a float32 tensor
     (C, F, H, W) in [-1, 1], the layout the video U-Nets take. Resizing happens inside the
     decoder (decord's width/height), so full-resolution frames never reach Python.
     """
     width, height, crop = _decode_dims(path_or_bytes, size)
-    reader = decord.VideoReader(_source(path_or_bytes), width=width, height=height)
-    indices, fps_used = clip_indices(len(reader), reader.get_avg_fps(), target_fps, n_frames, rng)
+    reader = decord.VideoReader(_source(path_or_bytes), width=width, height=height, num_threads=1)
+    native = reader.get_avg_fps()
+    indices, fps_used = clip_indices(len(reader), native, target_fps, n_frames, rng)
     try:
         frames = reader.get_batch(indices).asnumpy()  # (F, H, W, C) uint8
     except decord.DECORDError as err:
@@ -150,7 +160,25 @@ def decode_clip(path_or_bytes: str | Path | bytes, n_frames: int, target_fps: fl
     if crop is not None:
         top, left = (frames.shape[1] - crop[0]) // 2, (frames.shape[2] - crop[1]) // 2
         frames = np.ascontiguousarray(frames[:, top:top + crop[0], left:left + crop[1]])
-    return (to_model_tensor(frames) if as_float else frames), fps_used
+    return Clip(to_model_tensor(frames) if as_float else frames, fps_used, indices[0] / native, indices[-1] / native)
+
+
+def decode_frames_every(path_or_bytes: str | Path | bytes, every_s: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A frame every `every_s` seconds of a whole video, short side resized to `size` and centre-cropped
+    (as the training clips are): (uint8 (N, size, size, C), times in seconds (N,))."""
+    width, height, crop = _decode_dims(path_or_bytes, size)
+    reader = decord.VideoReader(_source(path_or_bytes), width=width, height=height, num_threads=1)
+    native = reader.get_avg_fps()
+    indices = list(range(0, len(reader), max(1, round(every_s * native))))
+    try:
+        frames = reader.get_batch(indices).asnumpy()  # (N, H, W, C) uint8
+    except decord.DECORDError as err:
+        if "size must exactly match" not in str(err):
+            raise
+        frames = _decode_scaled_down(path_or_bytes, indices, width, height)
+    top, left = (frames.shape[1] - crop[0]) // 2, (frames.shape[2] - crop[1]) // 2
+    frames = np.ascontiguousarray(frames[:, top:top + crop[0], left:left + crop[1]])
+    return frames, np.asarray(indices, np.float32) / native
 
 
 # decord 0.6 fails to copy out frames scaled to some narrow widths (2..24, 48 and 72 seen);
@@ -214,13 +242,14 @@ class ClipDataset(torch.utils.data.IterableDataset):
             clip = decode_sample(sample, self.n_frames, self.size, rng, self.fps, self.schedule, progress)
             if clip is not None:
                 yielded += 1
-                yield clip
+                yield clip.frames, clip.fps
 
 
 def decode_sample(sample: dict[str, Any], n_frames: int, size: Size, rng: np.random.Generator,
                   fps: float | None, schedule: FpsSchedule, progress: float
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One webdataset sample -> (frames (C, F, H, W), fps) or None (logged) when it cannot be used."""
+                  ) -> Clip | None:
+    """One webdataset sample -> Clip(frames (C, F, H, W), fps tensor, start_s, end_s) or None (logged) when
+    it cannot be used."""
     key = sample.get("__key__", "?")
     data = _video_bytes(sample)
     if data is None:
@@ -228,11 +257,11 @@ def decode_sample(sample: dict[str, Any], n_frames: int, size: Size, rng: np.ran
         return None
     target = fps if fps is not None else schedule.sample(rng, progress)
     try:
-        frames, fps_used = decode_clip(data, n_frames, target, rng, size=size, as_float=True)
+        clip = decode_clip(data, n_frames, target, rng, size=size, as_float=True)
     except (decord.DECORDError, RuntimeError, ValueError) as err:
         log.warning("sample %s skipped: %s", key, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
-    return frames, torch.tensor(fps_used, dtype=torch.float32)
+    return clip._replace(fps=torch.tensor(clip.fps, dtype=torch.float32))
 
 
 def collate_clips(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +291,7 @@ class _RayDecode:
         clip = decode_sample(row, self.n_frames, self.size, rng, self.fps, self.schedule, self.progress)
         if clip is None:
             return []
-        frames, fps = clip
-        return [{"frames": frames.numpy(), "fps": np.float32(fps.item())}]
+        return [{"frames": clip.frames.numpy(), "fps": np.float32(clip.fps.item())}]
 
 
 def ray_clip_dataset(shard_paths: str | Sequence[str], n_frames: int = 16, size: Size = 64,
