@@ -38,11 +38,16 @@ def _add_images(data_sub: Any) -> None:
                                         "Re-running resumes.")
     add_config_args(d)
     d.add_argument("metadata", nargs="+", help="parquet file(s) with URL, TEXT, ... columns")
+    add_dataset_args(d)
+    d.set_defaults(func=cmd_data_images)
+
+
+def add_dataset_args(d: argparse.ArgumentParser) -> None:
+    """The options every data flow takes: where the dataset goes and what a rerun does."""
     d.add_argument("--out", required=True, help="dataset folder (local path or fsspec URL)")
     d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
     d.add_argument("--retry-failed", action="store_true",
                    help="fetch the rows whose download failed once more (into new shards); refusals are kept")
-    d.set_defaults(func=cmd_data_images)
 
 
 def _add_videos(data_sub: Any) -> None:
@@ -54,12 +59,9 @@ def _add_videos(data_sub: Any) -> None:
     add_config_args(d)
     d.add_argument("--webvid", nargs="+", default=[], metavar="CSV", help="WebVid-style CSV file(s)")
     d.add_argument("--hdvila", nargs="+", default=[], metavar="JSONL", help="HD-VILA-style JSONL file(s)")
-    d.add_argument("--out", required=True, help="dataset folder (local path or fsspec URL)")
     d.add_argument("--rewrite-base", metavar="URL",
                    help="point every URL at this loopback mirror first (tests, demos: never the real hosts)")
-    d.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs/settings")
-    d.add_argument("--retry-failed", action="store_true",
-                   help="fetch the failed downloads once more (into new shards); refusals are kept")
+    add_dataset_args(d)
     d.set_defaults(func=cmd_data_videos)
 
 
