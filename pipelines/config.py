@@ -19,7 +19,7 @@ from pipelines.safety import UrlPolicy
 from pipelines.world.config import WorldConfig, world_preset
 from training.config import TrainConfig, train_preset
 
-PRESETS = ("tiny", "toy", "paper")
+PRESETS = ("tiny", "toy", "paper", "paper-cpu")
 
 
 class ConfigError(ValueError):
@@ -84,10 +84,11 @@ def preset_config(name: str) -> PipelineConfig:
     if name == "paper":
         data = DataConfig(images=ImageDataConfig(image_size=shape.sr_high_size, processes=16, threads=32),
                           videos=VideoDataConfig(clip_size=shape.sr_low_size, processes=16))
-    else:
+    else:  # the toy world's presets: paper-cpu reads the tiny world
+        small = name in ("tiny", "paper-cpu")
         data = DataConfig(
-            images=ImageDataConfig(image_size=shape.sr_high_size, samples_per_shard=64 if name == "tiny" else 1000),
-            videos=VideoDataConfig(clip_size=shape.sr_low_size, samples_per_shard=8 if name == "tiny" else 100),
+            images=ImageDataConfig(image_size=shape.sr_high_size, samples_per_shard=64 if small else 1000),
+            videos=VideoDataConfig(clip_size=shape.sr_low_size, samples_per_shard=8 if small else 100),
             network=_loopback_only(),
         )
     return PipelineConfig(preset=name, world=world_preset(name), data=data, cascade=cascade,

@@ -8,7 +8,7 @@ from pipelines.config import ConfigError, dump_config, load_config, preset_confi
 from training.config import STAGES
 
 
-@pytest.mark.parametrize("preset", ["tiny", "toy", "paper"])
+@pytest.mark.parametrize("preset", ["tiny", "toy", "paper", "paper-cpu"])
 def test_presets_cover_every_part(preset):
     cfg = preset_config(preset)
     assert cfg.preset == preset

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from model.config import ConfigBase
 
 STAGES = ("clip", "prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high")
+PLANNED_STAGES = STAGES[1:]  # the diffusion stages `training.plan` traces; CLIP is pretrained or toy-sized
 VIDEO_DATASETS = ("webvid", "hdvila")  # what the video flow records as each clip's `dataset`
 VideoDataset = Literal["webvid", "hdvila"]
 
@@ -100,6 +101,11 @@ PAPER_VIDEO_DATASETS: dict[str, tuple[VideoDataset, ...]] = {
     "temporal": ("webvid",), "interpolation": ("webvid", "hdvila"), "sr_low": ("webvid",)}
 
 
+# 3 GiB of it is the plan's reserve; the rest holds every tiny stage's state and makes some stages
+# accumulate or checkpoint, as the paper preset's 80GB does for its large ones.
+PAPER_CPU_GPU_MEMORY = "3140MB"
+
+
 def _all(**kw) -> dict:
     return {s: StageTrainConfig(**kw) for s in STAGES}
 
@@ -146,4 +152,21 @@ def train_preset(name: str) -> TrainConfig:
         for stage, datasets in PAPER_VIDEO_DATASETS.items():
             stages[stage] = stages[stage].model_copy(update={"video_datasets": datasets})
         return TrainConfig(pretrained_clip=True, **stages)
-    raise ValueError(f"unknown preset {name!r}; choose one of ['paper', 'tiny', 'toy']")
+    if name == "paper-cpu":
+        return _paper_cpu()
+    raise ValueError(f"unknown preset {name!r}; choose one of ['paper', 'paper-cpu', 'tiny', 'toy']")
+
+
+def _paper_cpu() -> TrainConfig:
+    """The paper's training at CPU sizes: pretrained CLIP, its per-stage video datasets, every planned stage
+    resolved by the memory plan, here for one GPU of PAPER_CPU_GPU_MEMORY."""
+    paper = train_preset("paper")
+    # One step per stage, no preview samples (sample_every past the end): the run shows the path, not a model.
+    small = dict(steps=1, batch_size=4, warmup_steps=0, checkpoint_every=1, log_every=1, sample_every=1000,
+                 num_workers=1, use_gpu=False, precision="fp32", shuffle_buffer=0,
+                 # Decoding in the training loop: a loader process costs more than the one step it feeds.
+                 loader_workers=0)
+    stages = {s: paper.stage(s).model_copy(update=small) for s in STAGES}
+    for s in PLANNED_STAGES:
+        stages[s] = stages[s].model_copy(update={"gpu_memory": PAPER_CPU_GPU_MEMORY})
+    return TrainConfig.model_validate(paper.model_copy(update=stages).model_dump())

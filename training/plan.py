@@ -22,9 +22,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import CascadeConfig, UNetConfig
+from model.inflate import is_added
 from model.networks import build_network
 from model.unet import UNetBlock
-from training.config import StageTrainConfig
+from training.config import PLANNED_STAGES, StageTrainConfig
 
 GIB = 1024 ** 3
 # bf16 dense matmul peak of the GPUs a plan is usually made for (vendor datasheets), FLOP/s.
@@ -35,7 +36,6 @@ OPTIMIZER_BYTES = 8  # AdamW: two fp32 moments per trainable parameter
 MIN_MICRO_BATCH = 4  # rows per GPU per forward below which a GPU idles on small kernels
 DEFAULT_MFU = 0.35  # model FLOPs utilisation a step-time estimate assumes
 # The stages a plan covers: CLIP is open_clip's network, pretrained for real runs.
-PLANNED_STAGES = ("prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high")
 
 
 @dataclass
@@ -257,14 +257,13 @@ def parse_memory(text: str) -> int:
 
 
 def trainable_params(stage: str, cfg: CascadeConfig, train: StageTrainConfig) -> int | None:
-    """Parameters with optimiser state: with `trainable: temporal` only what inflation added; else all
-    (None)."""
+    """Parameters with optimiser state: with `trainable: temporal` only what inflation added (as
+    `training.loop.restrict_trainable` keeps them); else all (None)."""
     if train.trainable != "temporal":
         return None
     with torch.device("meta"):
         net = build_network(stage, cfg)
-    image = build_network("decoder", cfg.model_copy(update={"decoder": getattr(cfg, stage)}))  # on CPU: small
-    return sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in image.parameters())
+    return sum(p.numel() for name, p in net.named_parameters() if is_added(name))
 
 
 def plan_cascade(cfg: CascadeConfig, train: Any, stages: tuple[str, ...], gpus: int, gpu_memory: int,
@@ -276,7 +275,8 @@ def plan_cascade(cfg: CascadeConfig, train: Any, stages: tuple[str, ...], gpus: 
     for stage in stages:
         stage_train = train.stage(stage)
         trace = trace_stage(stage, cfg, "fp32")
-        plans.append(plan_stage(stage, trace, stage_train, gpus, gpu_memory, PEAK_FLOPS[gpu], mfu))
+        plans.append(plan_stage(stage, trace, stage_train, gpus, gpu_memory, PEAK_FLOPS[gpu], mfu,
+                                trainable_params(stage, cfg, stage_train)))
     return plans
 
 

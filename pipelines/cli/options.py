@@ -10,7 +10,7 @@ from typing import Sequence
 from pipelines.config import PipelineConfig, load_config
 from pipelines.defaults import DEFAULT_FPS
 
-PRESETS = ("tiny", "toy", "paper")
+PRESETS = ("tiny", "toy", "paper", "paper-cpu")
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str = "toy") -> None:

@@ -7,8 +7,7 @@ import json
 from typing import Any
 
 from pipelines.cli.options import add_config_args, config_from_args
-
-PLANNED_STAGES = ("prior", "decoder", "temporal", "interpolation", "sr_low", "sr_high")
+from training.config import PLANNED_STAGES
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -195,7 +195,7 @@ def _paper() -> WorldConfig:
                                        "video_seconds": (8, 20)})
 
 
-WORLD_PRESETS = {"tiny": _tiny, "toy": _toy, "paper": _paper}
+WORLD_PRESETS = {"tiny": _tiny, "toy": _toy, "paper": _paper, "paper-cpu": _tiny}  # paper-cpu: CPU-sized data
 
 
 def world_preset(name: str) -> WorldConfig:
