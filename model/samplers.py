@@ -91,12 +91,23 @@ class Denoiser:
         self.x_known, self.denoised_fn, self.guidance = x_known, denoised_fn, float(known_guidance)
         self.guidance_min_t = known_guidance_min_t
         self.known = None if mask is None else mask.to(torch.bool)
+        self._guided: tuple[tuple, Model] | None = None
+
+    def _net(self, model_kwargs: Mapping) -> Model:
+        """The guided network for these kwargs, built once per condition rather than every step (the samplers
+        pass the same tensors at each step; building concatenates the two branches' conditions)."""
+        key = tuple(model_kwargs.items())  # holds the tensors, so an identity match is never a reused address
+        cached = self._guided
+        if cached is None or len(cached[0]) != len(key) or any(
+                k1 != k2 or v1 is not v2 for (k1, v1), (k2, v2) in zip(cached[0], key)):
+            self._guided = cached = (key, cfg_model(self.model, self.guidance_scale, model_kwargs,
+                                                    self.uncond_kwargs or {}))
+        return cached[1]
 
     def __call__(self, x: torch.Tensor, t: int, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         a, s = self.schedule.alpha_sigma_at(t)
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-        net = cfg_model(self.model, self.guidance_scale, model_kwargs, self.uncond_kwargs or {})
-        out, x0 = self._estimate(net, x, t_batch, a, s, self.guidance if t >= self.guidance_min_t else 0.0)
+        out, x0 = self._estimate(self._net(model_kwargs), x, t_batch, a, s, self.guidance if t >= self.guidance_min_t else 0.0)
         if self.denoised_fn is None and self.known is None:
             return x0, output_to_eps(self.prediction, out, x, a, s)
         if self.denoised_fn is not None:
