@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.egress import EgressProxy, environment
+from pipelines.egress import environment
+from pipelines.gates import GateRun
 from pipelines.manifest import OUTCOME_SCHEMA
 from pipelines.safety import UrlPolicy, check_url, system_resolve
 from training.storage import join
@@ -132,11 +133,11 @@ def download_images(kept: pa.Table, out: str, *, image_size: int, samples_per_sh
         pq.write_table(to_fetch, fh)
     egress: dict = {"refused": [], "cut": [], "retried": 0}
     if len(to_fetch):
-        with EgressProxy(policy) as proxy:
+        with GateRun(policy, record_dir=join(out, "_work", "egress")) as gates:
             fetch = functools.partial(run_img2dataset, shards=join(out, "shards"), image_size=image_size,
                                       samples_per_shard=samples_per_shard, processes=processes, threads=threads,
                                       retries=retries, timeout=policy.timeout_s, distributor=distributor,
-                                      proxy_env=proxy.env())
+                                      proxy_env=gates.env())
             fetch(url_list)
             again = retry_rows(to_fetch, join(out, "shards")) if retry_failed else to_fetch.slice(0, 0)
             if len(again):
@@ -144,7 +145,8 @@ def download_images(kept: pa.Table, out: str, *, image_size: int, samples_per_sh
                 with fsspec.open(retry_list, "wb") as fh:
                     pq.write_table(again, fh)
                 fetch(retry_list, incremental_mode="extend")
-            egress = {"refused": list(proxy.refusals), "cut": list(proxy.cutoffs), "retried": len(again)}
+            summary = gates.summary()
+            egress = {"refused": summary["refused"], "cut": summary["cut"], "retried": len(again)}
     fetched = collect_outcomes(join(out, "shards"))
     refused_rows = pa.table({
         "row_id": refused["row_id"], "key": refused["URL"],

@@ -27,7 +27,6 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import decord
 import fsspec
@@ -36,7 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from pipelines.egress import EgressProxy, environment
+from pipelines.egress import environment
+from pipelines.gates import GateRun
 from pipelines.images.download import decide_urls
 from pipelines.manifest import OUTCOME_SCHEMA
 from pipelines.safety import UrlPolicy
@@ -328,12 +328,12 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
     if len(jobs):
         fs.makedirs(join(work, "v2d_input"), exist_ok=True)
         os.makedirs(tmp_dir, exist_ok=True)
-        with EgressProxy(policy) as proxy, contextlib.redirect_stdout(io.StringIO()):
+        with GateRun(policy, record_dir=join(work, "egress")) as gates, contextlib.redirect_stdout(io.StringIO()):
             pending = list(sharder)  # writes the input slices of the shards not yet done
             worker = make_worker(shards, sharder.column_list, clip_size=clip_size,
                                  samples_per_shard=samples_per_shard, threads=threads, timeout_s=policy.timeout_s,
-                                 max_bytes=policy.max_bytes, proxy_url=proxy.url, tmp_dir=tmp_dir)
-            runner = ShardRunner(worker, {**proxy.env(), "TMPDIR": tmp_dir}, tmp_dir)
+                                 max_bytes=policy.max_bytes, proxy_url=gates.url, tmp_dir=tmp_dir)
+            runner = ShardRunner(worker, {**gates.env(), "TMPDIR": tmp_dir}, tmp_dir)
             run_shards(runner, pending, resolve_distributor(distributor, len(pending), processes), processes,
                        retries)
             if len(again):
@@ -341,7 +341,6 @@ def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_sha
                 shifted = [(path, shard_id + offset) for path, shard_id in retry_sharder]
                 run_shards(runner, shifted, resolve_distributor(distributor, len(shifted), processes), processes,
                            retries)
-            egress = {"refused": list(proxy.refusals), "cut": list(proxy.cutoffs),
-                      "hosts": sorted({urlsplit(u).netloc for u in proxy.forwarded}), "retried": len(again)}
+            egress = {**gates.summary(), "retried": len(again)}
     outcomes, samples = collect_outcomes(shards, plan)
     return outcomes, egress, samples
