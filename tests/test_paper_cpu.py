@@ -69,7 +69,8 @@ def test_the_preset_keeps_the_papers_structure_at_cpu_sizes():
 def test_the_plan_picks_accumulation_and_checkpointing_where_memory_is_short():
     resolved = resolve_all(PLANNED_STAGES, load_config("paper-cpu"))
     chosen = {s: (train.grad_accum, train.grad_checkpointing) for s, (_, train, _) in resolved.items()}
-    assert chosen["sr_low"] == (2, True) and chosen["sr_high"] == (1, True)  # the largest activations
+    assert chosen["sr_low"] == (2, True)  # the largest activations; sr_high trains on 24 px crops
+    assert chosen["sr_high"] == (1, False)
     assert chosen["decoder"] == chosen["prior"] == (1, False)
     assert all(plan is not None and plan.fits for _, _, plan in resolved.values())
 
@@ -86,10 +87,18 @@ def test_every_stage_trained_on_ray_with_its_resolved_plan(paper_cpu):
             str(train.grad_accum), str(train.grad_checkpointing)), stage
         assert params["train.gpu_memory"] == "3140MB" and params["cascade.shape.frames"] == "16", stage
         assert list((paper_cpu.run_root / "ray" / stage).glob("checkpoint_*")), stage  # a Ray Train run
-        data = paper_cpu.videos if stage in ("temporal", "interpolation", "sr_low") else paper_cpu.images
-        (read,) = [d.dataset for d in mlflow.get_run(result.run_id).inputs.dataset_inputs]
-        assert read.name == Path(data).name and read_manifest(data)["inputs_hash"].startswith(read.digest), stage
-    assert (paper_cpu.results["sr_low"].steps, resolved["sr_low"][1].grad_accum) == (1, 2)
+        # Each stage's folder, and the SR stages' second one: sr_low's images, sr_high's clips (frames).
+        data = {"temporal": [paper_cpu.videos], "interpolation": [paper_cpu.videos],
+                "sr_low": [paper_cpu.videos, paper_cpu.images], "sr_high": [paper_cpu.images, paper_cpu.videos]}
+        data = data.get(stage, [paper_cpu.images])
+        read = [d.dataset for d in mlflow.get_run(result.run_id).inputs.dataset_inputs]
+        assert sorted(r.name for r in read) == sorted(Path(d).name for d in data), stage
+        for folder in data:
+            (match,) = [r for r in read if r.name == Path(folder).name]
+            assert read_manifest(folder)["inputs_hash"].startswith(match.digest), stage
+    assert (paper_cpu.results["sr_low"].steps, resolved["sr_low"][1].grad_accum) == (2, 2)  # an image step first
+    params = mlflow.get_run(paper_cpu.results["sr_high"].run_id).data.params
+    assert (params["train.frame_share"], params["train.crop_size"]) == ("0.5", "24")
 
 
 @pytest.mark.slow

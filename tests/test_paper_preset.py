@@ -67,10 +67,10 @@ def test_a_stage_that_cannot_fit_stops_mav_train_before_any_worker(tmp_path, cap
     weights.write_bytes(b"not read: the plan fails first")
     code = main(["train", "all", "--preset", "paper", "--out", str(tmp_path / "runs"), "--images", str(tmp_path),
                  "--set", f"cascade.clip.weights_path={weights}", "--set", "train.sr_high.num_workers=1",
-                 "--set", "train.sr_high.gpu_memory=4GB"])
+                 "--set", "train.sr_high.gpu_memory=2GB"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "stage sr_high cannot fit 1 x 4GB" in err and "GiB usable" in err
+    assert "stage sr_high cannot fit 1 x 2GB" in err and "GiB usable" in err
     assert not (tmp_path / "runs").exists()  # no stage started, not even the prior
 
 

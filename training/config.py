@@ -43,6 +43,15 @@ class StageTrainConfig(ConfigBase):
         "auto", description="shards: each Ray worker reads its own shards; samples: every worker walks all shards "
         "and keeps its share of each global batch (N workers train as one); auto: shards when there are at "
         "least as many shards as workers")
+    image_steps: int = Field(0, ge=0, description="sr_low: the first image_steps steps train on images of the image "
+                             "folder at sr_low_size with the temporal layers skipped (they stay at their identity "
+                             "start), then the clips; the paper trains SR_l on images before video")
+    frame_share: float = Field(0.0, ge=0, lt=1, description="sr_high: the share of each batch made of single "
+                               "frames of clips (the video folder) beside the images; the paper trains SR_h on "
+                               "images and video frames")
+    crop_size: int | None = Field(None, ge=8, description="sr_high: train on random crops of this side of the "
+                                  "target (the network is convolutional), so that frames of clips stored below "
+                                  "sr_high_size are targets too; None: whole images")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     trainable: Literal["all", "temporal"] = Field(
         "all", description="temporal: train only what inflation added to the image decoder (temporal layers, "
@@ -151,6 +160,10 @@ def train_preset(name: str) -> TrainConfig:
         stages["clip"] = stages["clip"].model_copy(update={"gpu_memory": None})
         for stage, datasets in PAPER_VIDEO_DATASETS.items():
             stages[stage] = stages[stage].model_copy(update={"video_datasets": datasets})
+        # SR_l on images, then video (the paper gives no split: a quarter of its steps on images); SR_h on
+        # images and video frames, as 192 px crops (64 px low-res) that 256 px clips also give.
+        stages["sr_low"] = stages["sr_low"].model_copy(update={"image_steps": 50_000})
+        stages["sr_high"] = stages["sr_high"].model_copy(update={"frame_share": 0.5, "crop_size": 192})
         return TrainConfig(pretrained_clip=True, **stages)
     if name == "paper-cpu":
         return _paper_cpu()
@@ -167,6 +180,10 @@ def _paper_cpu() -> TrainConfig:
                  # Decoding in the training loop: a loader process costs more than the one step it feeds.
                  loader_workers=0)
     stages = {s: paper.stage(s).model_copy(update=small) for s in STAGES}
+    # The paper's routing at these sizes: one image step then one clip step for sr_low; sr_high on 24 px crops
+    # (8 px low-res) of images and of frames of the 32 px clips, half of each.
+    stages["sr_low"] = stages["sr_low"].model_copy(update={"steps": 2, "image_steps": 1, "checkpoint_every": 2})
+    stages["sr_high"] = stages["sr_high"].model_copy(update={"crop_size": 24})
     for s in PLANNED_STAGES:
         stages[s] = stages[s].model_copy(update={"gpu_memory": PAPER_CPU_GPU_MEMORY})
     return TrainConfig.model_validate(paper.model_copy(update=stages).model_dump())

@@ -22,6 +22,7 @@ class Job:
     train: StageTrainConfig
     data: str
     run_root: str
+    extra_data: str | None = None  # a second folder the stage reads (training.routing), else None
     tracking_uri: str | None = None
     experiment: str = "make-a-video"
     run_id: str | None = None
@@ -33,7 +34,8 @@ class Job:
     def from_config(cls, config: dict[str, Any]) -> "Job":
         return cls(stage=config["stage"], cascade=CascadeConfig.model_validate(config["cascade"]),
                    train=StageTrainConfig.model_validate(config["train"]), data=config["data"],
-                   run_root=config["run_root"], tracking_uri=config.get("tracking_uri"),
+                   run_root=config["run_root"], extra_data=config.get("extra_data"),
+                   tracking_uri=config.get("tracking_uri"),
                    experiment=config.get("experiment", "make-a-video"), run_id=config.get("run_id"),
                    sources=dict(config.get("sources", {})),
                    split=config.get("split") or config["train"].get("data_split", "auto"),
@@ -42,7 +44,8 @@ class Job:
     def resolved(self) -> dict[str, Any]:
         """The resolved config saved with every checkpoint and logged as params."""
         return {"stage": self.stage, "cascade": self.cascade.model_dump(mode="json"),
-                "train": self.train.model_dump(mode="json"), "data": self.data, "split": self.split,
+                "train": self.train.model_dump(mode="json"), "data": self.data, "extra_data": self.extra_data,
+                "split": self.split,
                 "sources": self.sources}
 
     def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

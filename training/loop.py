@@ -25,12 +25,12 @@ from model.inflate import is_added
 from model.precision import autocast_context, default_precision, grad_scaler
 from training.checkpoints import State, load_checkpoint, report_checkpoint
 from training.config import StageTrainConfig
-from training.data import stage_batches
 from training.ema import Ema
 from training.faults import maybe_fail
 from training.job import Job
 from training.loaders.clips import FpsSchedule
 from training.previews import write_preview
+from training.routing import job_batches, second_kind
 from training.sharding import is_sharded, skip_grad_sync
 from training.stages import ImageView, SampleRng, Stage, after_step, build_stage
 from training.tracker import NullTracker, Tracker
@@ -81,7 +81,8 @@ def build_state(job: Job, worker: Worker) -> tuple[Stage, State]:
     restrict_trainable(module, job.train.trainable, job.stage)  # before DDP: it registers what trains
     module = module.to(worker.device)
     ema = Ema(module, job.train.ema_decay)  # before prepare: an FSDP2 module does not deep-copy
-    net = worker.prepare(module, sharding)
+    # sr_low's image steps skip the temporal layers: DDP must expect parameters without gradients.
+    net = worker.prepare(module, sharding, find_unused=second_kind(job.stage, job.train) == "images")
     raw = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
     if is_sharded(raw):
         ema.shard_as(raw)
@@ -191,12 +192,10 @@ def train_steps(job: Job, worker: Worker, stage: Stage, state: State, tracker: T
                 progress: Progress) -> float:
     """From state.step to train.steps: log, preview and checkpoint on their cadences; returns the last loss."""
     cfg, loss = job.train, float("nan")
-    batches = stage_batches(job.data, stage.spec.view(job.cascade), global_batch=cfg.batch_size,
-                            rank=worker.rank, world=worker.world, seed=cfg.seed, total_steps=cfg.steps,
-                            start_step=state.step, split=job.split, tokenizer=tokenizer_for(stage),
-                            shuffle_buffer=cfg.shuffle_buffer, fps=fps_schedule(cfg),
-                            video_datasets=cfg.video_datasets, loader_workers=cfg.loader_workers,
-                            pin_memory=worker.device.type == "cuda")
+    batches = job_batches(job.stage, job.cascade, cfg, job.data, job.extra_data, rank=worker.rank,
+                          world=worker.world, start_step=state.step, split=job.split, tokenizer=tokenizer_for(stage),
+                          fps=fps_schedule(cfg), video_datasets=cfg.video_datasets,
+                          loader_workers=cfg.loader_workers, pin_memory=worker.device.type == "cuda")
     with tempfile.TemporaryDirectory(prefix=f"mav-{job.stage}-previews-") as previews:
         for batch in batches:
             step = state.step + 1

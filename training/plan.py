@@ -76,15 +76,16 @@ class StagePlan:
         return asdict(self)
 
 
-def stage_inputs(stage: str, cfg: CascadeConfig, device: torch.device, dtype: torch.dtype, batch: int = 1
-                  ) -> dict[str, torch.Tensor]:
+def stage_inputs(stage: str, cfg: CascadeConfig, device: torch.device, dtype: torch.dtype, batch: int = 1,
+                 crop: int | None = None) -> dict[str, torch.Tensor]:
     """The network's training inputs for `batch` samples at the stage's training resolution (what
-    training.stages feeds it): x, t and the conditions."""
-    one = _one_input(stage, cfg, device, dtype)
+    training.stages feeds it; `crop`: sr_high's crop side): x, t and the conditions."""
+    one = _one_input(stage, cfg, device, dtype, crop)
     return {k: v.expand(batch, *v.shape[1:]).clone() for k, v in one.items()}
 
 
-def _one_input(stage: str, cfg: CascadeConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _one_input(stage: str, cfg: CascadeConfig, device: torch.device, dtype: torch.dtype,
+               crop: int | None = None) -> dict[str, torch.Tensor]:
     s, d = cfg.shape, cfg.clip.embed_dim
     t = torch.zeros(1, dtype=torch.long, device=device)
     if stage == "prior":
@@ -94,7 +95,7 @@ def _one_input(stage: str, cfg: CascadeConfig, device: torch.device, dtype: torc
                 "text_tokens": torch.zeros(1, p.text_len, p.embed_dim, device=device, dtype=dtype),
                 "text_mask": torch.ones(1, p.text_len, dtype=torch.bool, device=device)}
     net = getattr(cfg, stage).net
-    size = {"sr_low": s.sr_low_size, "sr_high": s.sr_high_size}.get(stage, s.base_size)
+    size = {"sr_low": s.sr_low_size, "sr_high": crop or s.sr_high_size}.get(stage, s.base_size)
     frames = s.frames if net.temporal else None
     shape = (1, net.in_channels + net.extra_in_channels, *(() if frames is None else (frames,)), size, size)
     inputs = {"x": torch.zeros(shape, device=device, dtype=dtype), "t": t,
@@ -102,7 +103,7 @@ def _one_input(stage: str, cfg: CascadeConfig, device: torch.device, dtype: torc
     if net.temporal and net.fps_cond:
         inputs["fps"] = torch.full((1,), 8.0, device=device, dtype=dtype)
     if net.lowres_cond:
-        low = s.base_size if stage == "sr_low" else s.sr_low_size
+        low = s.base_size if stage == "sr_low" else size * s.sr_low_size // s.sr_high_size
         inputs["lowres"] = torch.zeros(1, net.in_channels, *(() if frames is None else (frames,)), low, low,
                                        device=device, dtype=dtype)
         inputs["noise_level"] = t
@@ -170,7 +171,8 @@ def saved_bytes(net: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, l
     return counter.total, blocks
 
 
-def trace_stage(stage: str, cfg: CascadeConfig, precision: str = "bf16", device: str = "meta") -> Trace:
+def trace_stage(stage: str, cfg: CascadeConfig, precision: str = "bf16", device: str = "meta",
+                crop: int | None = None) -> Trace:
     """Trace a stage's network in `precision` at batches 1 and 2: the difference is what each sample adds,
     the rest is fixed per forward. On "meta" nothing is allocated, so the paper preset traces on a laptop."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -181,20 +183,20 @@ def trace_stage(stage: str, cfg: CascadeConfig, precision: str = "bf16", device:
     for p in net.parameters():
         p.requires_grad_(True)
     with FlashAttention():
-        return _trace(net, stage, cfg, torch.device(device), dtype, params)
+        return _trace(net, stage, cfg, torch.device(device), dtype, params, crop)
 
 
 def _trace(net: nn.Module, stage: str, cfg: CascadeConfig, device: torch.device, dtype: torch.dtype,
-           params: int) -> Trace:
+           params: int, crop: int | None = None) -> Trace:
     plain, checkpointed = [], []
     for batch in (1, 2):
-        total, blocks = saved_bytes(net, stage_inputs(stage, cfg, device, dtype, batch))
+        total, blocks = saved_bytes(net, stage_inputs(stage, cfg, device, dtype, batch, crop))
         inside = sum(internal for _, internal in blocks)
         kept = total - inside + sum(size for size, _ in blocks) + max((i for _, i in blocks), default=0)
         plain.append(total)
         checkpointed.append(min(total, kept))
     with FlopCounterMode(display=False) as flops:
-        net(**stage_inputs(stage, cfg, device, dtype))
+        net(**stage_inputs(stage, cfg, device, dtype, crop=crop))
     fixed = max(0, 2 * plain[0] - plain[1])
     return Trace(params, plain[1] - plain[0], checkpointed[1] - checkpointed[0], flops.get_total_flops(), fixed)
 
@@ -274,7 +276,7 @@ def plan_cascade(cfg: CascadeConfig, train: Any, stages: tuple[str, ...], gpus: 
     plans = []
     for stage in stages:
         stage_train = train.stage(stage)
-        trace = trace_stage(stage, cfg, "fp32")
+        trace = trace_stage(stage, cfg, "fp32", crop=stage_train.crop_size)
         plans.append(plan_stage(stage, trace, stage_train, gpus, gpu_memory, PEAK_FLOPS[gpu], mfu,
                                 trainable_params(stage, cfg, stage_train)))
     return plans
@@ -312,8 +314,9 @@ def resolve_stage(stage: str, cascade: CascadeConfig, train: StageTrainConfig
         if stage not in PLANNED_STAGES:
             raise ValueError(f"train.{stage}.gpu_memory: the {stage} stage is not planned; unset it")
         gpus, memory = train.num_workers, parse_memory(train.gpu_memory)
-        plan = plan_stage(stage, trace_stage(stage, cascade, "fp32"), train, gpus, memory, PEAK_FLOPS["h100"],
-                          DEFAULT_MFU, trainable_params(stage, cascade, train))
+        trace = trace_stage(stage, cascade, "fp32", crop=train.crop_size)
+        plan = plan_stage(stage, trace, train, gpus, memory, PEAK_FLOPS["h100"], DEFAULT_MFU,
+                          trainable_params(stage, cascade, train))
         if not plan.fits:
             raise ValueError(f"stage {stage} cannot fit {gpus} x {train.gpu_memory}: {plan.why}")
         chosen = {"grad_accum": plan.grad_accum, "grad_checkpointing": plan.checkpointing,

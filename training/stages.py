@@ -220,12 +220,12 @@ def interpolation_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRn
 
 
 def _sr_pair(stage: Stage, batch: Batch, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """An SR stage's (high, clean low) pair: sr_low takes clips at sr_low_size from base_size, sr_high
-    images at sr_high_size from sr_low_size. Returns (high, low, is_video)."""
-    shape = stage.cascade.shape
-    video = stage.name == "sr_low"
+    """(high, clean low, is_video) from a clip or an image batch (training.routing), the low side at the stage's
+    ratio (sr_low: base / sr_low_size, sr_high: sr_low / sr_high_size) of the high one, crops included."""
+    s, video = stage.cascade.shape, "video" in batch
     high = (batch["video"] if video else batch["image"])[:n]
-    return high, downsample(high, shape.base_size if video else shape.sr_low_size), video
+    low, top = (s.base_size, s.sr_low_size) if stage.name == "sr_low" else (s.sr_low_size, s.sr_high_size)
+    return high, downsample(high, high.shape[-1] * low // top), video
 
 
 def sr_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> torch.Tensor:
@@ -236,9 +236,10 @@ def sr_loss(stage: Stage, net: nn.Module, batch: Batch, rng: SampleRng) -> torch
     low, t_aug = rng.augment(low, stage.cfg.diffusion.noise_aug_max, stage.schedule)
     emb = stage.video_embedding(high, batch.get("clip_emb")) if video else batch["image_emb"]
     cond = rng.drop(emb, stage.cfg.diffusion.cond_drop_prob)
-    fps = {"fps": batch["fps"]} if video else {}
     x0 = high if base is None else high - base
-    return stage.diffusion_loss(net, x0, rng, cond_emb=cond, lowres=low, noise_level=t_aug, **fps)
+    # An image batch skips the temporal layers: sr_low's image steps leave them at their identity start.
+    time = {"fps": batch["fps"]} if video else {"enable_time": False}
+    return stage.diffusion_loss(net, x0, rng, cond_emb=cond, lowres=low, noise_level=t_aug, **time)
 
 
 # --- previews: a few cheap sampler steps on the EMA net, logged as images/GIFs or metrics ---------------
@@ -293,9 +294,8 @@ def sr_preview(stage: Stage, net: nn.Module, batch: Batch, gen: torch.Generator)
     high, low, video = _sr_pair(stage, batch, 2)
     base = residual_base(stage.cfg.diffusion, low, high.shape[-1])
     emb = stage.video_embedding(high, batch.get("clip_emb")) if video else batch["image_emb"][:2]
-    kw: dict[str, Any] = {"lowres": low, "cond_emb": emb}
-    if video:
-        kw["fps"] = batch["fps"][:2]
+    kw: dict[str, Any] = {"lowres": low, "cond_emb": emb,
+                          **({"fps": batch["fps"][:2]} if video else {"enable_time": False})}
     out = around_base(lambda **hooks: stage.draw(net, tuple(high.shape), gen, high.device, model_kwargs=kw,
                                                  **hooks), base).clamp(-1, 1)
     return {"video": out} if video else {"images": torch.cat([high, out])}

@@ -25,7 +25,7 @@ class Worker(Protocol):
     world: int
     device: torch.device
 
-    def prepare(self, module: nn.Module, sharding: str = "ddp") -> nn.Module: ...
+    def prepare(self, module: nn.Module, sharding: str = "ddp", find_unused: bool = False) -> nn.Module: ...
 
     def checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
@@ -44,12 +44,13 @@ class RayWorker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
 
-    def prepare(self, module: nn.Module, sharding: str = "ddp") -> nn.Module:
+    def prepare(self, module: nn.Module, sharding: str = "ddp", find_unused: bool = False) -> nn.Module:
         import ray.train.torch
 
         if sharding == "fsdp" and self.world > 1:  # Ray Train has joined the workers' process group
             return shard(module.to(self.device), device_mesh(self.device, self.world))
-        return ray.train.torch.prepare_model(module)  # to the device; DDP when world > 1
+        # to the device; DDP when world > 1
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[str | None]:
@@ -80,13 +81,13 @@ class LocalWorker:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device, self.folder, self.keep = torch.device(device), Path(folder), keep
 
-    def prepare(self, module: nn.Module, sharding: str = "ddp") -> nn.Module:
+    def prepare(self, module: nn.Module, sharding: str = "ddp", find_unused: bool = False) -> nn.Module:
         module = module.to(self.device)
         if self.world == 1:
             return module
         if sharding == "fsdp":
             return shard(module, device_mesh(self.device, self.world))
-        return nn.parallel.DistributedDataParallel(module)
+        return nn.parallel.DistributedDataParallel(module, find_unused_parameters=find_unused)
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[str | None]:
