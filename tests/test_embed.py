@@ -1,9 +1,10 @@
-"""Embedding step of the image flow, run for real: webdataset tars built here, Ray Data, tiny CLIP."""
+"""Embedding steps of the image and video flows, run for real: webdataset tars built here, Ray actors, tiny CLIP."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -18,9 +19,14 @@ from PIL import Image
 from model.checkpoint import save_weights
 from model.clip import build_clip, encode_images, encode_text
 from model.config import cascade_preset
-from pipelines.embed import embed_image_dataset
+from pipelines.embed import clip_identity, embed_image_dataset, embed_shards, pending_shards, write_identity
+from pipelines.embed_videos import embed_video_dataset
 from pipelines.manifest import ManifestError, sha256_file
 from pipelines.pixel_filters import EmbeddingHead, PixelFilterConfig, keep_mask, load_head, score
+from test_training import video_dataset
+from training.data import has_video_embeddings
+from training.jobs import stage_data
+from training.storage import hash_settings, unfinished_embeddings
 
 TINY = cascade_preset("tiny").clip
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
@@ -97,6 +103,16 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
     return torch.tensor(np.stack(table[name].to_numpy(zero_copy_only=False)))
 
 
+def _markers(root: Path) -> dict[str, tuple[int, dict]]:
+    """{shard name: (rows, identity)} from the per-shard markers, whose identity hash must match."""
+    out = {}
+    for path in sorted((root / "embeddings").glob("*.done.json")):
+        marker = json.loads(path.read_text())
+        assert marker["identity_sha256"] == hash_settings(marker["identity"])
+        out[marker["shard"]] = (marker["rows"], marker["identity"])
+    return out
+
+
 def test_one_row_per_sample_like_encode_images_then_resume(dataset, clip_weights, ray_session):
     root, _ = dataset
     out = embed_image_dataset(f"file://{root}", TINY, clip_weights[0], batch_size=5, use_gpu="auto")
@@ -118,10 +134,12 @@ def test_one_row_per_sample_like_encode_images_then_resume(dataset, clip_weights
         torch.testing.assert_close(_column(table, "image_emb"), want_img, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(_column(table, "text_emb"), want_txt, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(_column(table, "image_emb").norm(dim=-1), torch.ones(len(table)))
-    index = json.loads((root / "embeddings/embeddings.json").read_text())
-    assert index["clip"]["weights"] == sha256_file(clip_weights[0])
-    assert index["clip"]["model_name"] == "mav-tiny-clip" and index["dim"] == 32
-    assert index["shards"] == SHARDS and index["pixel_filters"] is None
+    identity = json.loads((root / "embeddings/embeddings.json").read_text())
+    assert identity["clip"]["weights"] == sha256_file(clip_weights[0])
+    assert identity["clip"]["model_name"] == "mav-tiny-clip" and identity["dim"] == 32
+    assert identity["pixel_filters"] is None and "shards" not in identity  # written once, no per-shard ledger
+    assert _markers(root) == {name: (rows, identity) for name, rows in SHARDS.items()}
+    assert out["rows"] == sum(SHARDS.values())
 
     first = root / "embeddings/00000.parquet"
     before = pq.read_table(first)
@@ -130,14 +148,17 @@ def test_one_row_per_sample_like_encode_images_then_resume(dataset, clip_weights
     assert again["computed"] == [] and again["skipped"] == list(SHARDS)
     assert first.stat().st_mtime_ns == 1
 
-    (root / "embeddings/00001.parquet").unlink()  # a lost output is recomputed, the rest kept
-    partial = embed_image_dataset(str(root), TINY, clip_weights[0], batch_size=8)
+    killed = root / "embeddings/00001.parquet"  # its task died mid-write: a partial parquet, no marker
+    killed.write_bytes(killed.read_bytes()[:100])
+    (root / "embeddings/00001.done.json").unlink()
+    partial = embed_image_dataset(str(root), TINY, clip_weights[0], batch_size=8)  # redone, the rest kept
     assert partial["computed"] == ["shards/00001.tar"] and first.stat().st_mtime_ns == 1
     assert pq.read_table(root / "embeddings/00001.parquet").num_rows == SHARDS["shards/00001.tar"]
 
     changed = embed_image_dataset(str(root), TINY, clip_weights[1], batch_size=8)
-    assert changed["computed"] == list(SHARDS) and changed["shards"] == SHARDS
+    assert changed["computed"] == list(SHARDS) and changed["rows"] == sum(SHARDS.values())
     assert changed["clip"]["weights"] == sha256_file(clip_weights[1])
+    assert {m[1]["clip"]["weights"] for m in _markers(root).values()} == {sha256_file(clip_weights[1])}
     after = pq.read_table(first)
     assert after["key"].to_pylist() == before["key"].to_pylist()
     assert not torch.allclose(_column(after, "image_emb"), _column(before, "image_emb"))
@@ -145,11 +166,72 @@ def test_one_row_per_sample_like_encode_images_then_resume(dataset, clip_weights
 
 def test_manifest_count_must_match_the_tar(tmp_path, clip_weights, ray_session):
     root = tmp_path / "images"
-    _write_dataset(root, {"shards/00000.tar": 4}, manifest_samples={"shards/00000.tar": 5})
-    with pytest.raises(ManifestError, match=r"shards/00000.tar 4 vs 5"):
+    _write_dataset(root, {"shards/00000.tar": 4, "shards/00001.tar": 2},
+                   manifest_samples={"shards/00000.tar": 5, "shards/00001.tar": 2})
+    (root / "shards/00001.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ManifestError, match=r"^shards hold fewer samples than the manifest says \(read vs manifest\): "
+                       r"shards/00000.tar 4 vs 5; shards/00001.tar: the tar does not read \(invalid header\)$"):
         embed_image_dataset(str(root), TINY, clip_weights[0])
-    index = json.loads((root / "embeddings/embeddings.json").read_text())
-    assert index["shards"] == {}
+    assert not list((root / "embeddings").glob("*.done.json"))  # both shards stay unfinished
+    assert unfinished_embeddings(str(root), ["shards/00000.tar", "shards/00001.tar"]) == ["shards/00000.tar",
+                                                                                          "shards/00001.tar"]
+
+
+@pytest.mark.slow
+def test_shard_tasks_write_their_embeddings_and_unfinished_shards_are_seen(dataset, clip_weights, ray_session):
+    """The actors write each shard's parquet and marker and hand the driver a few numbers only; a shard
+    whose parquet has no marker (its task killed mid-shard) or whose parquet is lost is unfinished, for
+    training and for the next embed run (which redoes it: see the first test)."""
+    root, _ = dataset
+    clip = TINY.model_copy(update={"weights_path": clip_weights[0]})
+    identity = {"clip": clip_identity(clip), "dim": TINY.embed_dim, "pixel_filters": None}
+    shards = [{"name": name, "samples": n} for name, n in SHARDS.items()]
+    write_identity(str(root), identity)
+    summaries = list(embed_shards(ray_session, str(root), shards, identity, clip, None, batch_size=5, gpu=False))
+    assert sorted(s["name"] for s in summaries) == list(SHARDS)
+    for out in summaries:  # names and counts: the embeddings stay in the files their actor wrote
+        assert all(isinstance(v, (str, int, type(None))) for v in out.values())
+        assert out["rows"] == SHARDS[out["name"]] and out["error"] is None
+        assert len(pickle.dumps(out)) < 256 < TINY.embed_dim * 2 * 4 * out["rows"]
+    assert _markers(root) == {name: (rows, identity) for name, rows in SHARDS.items()}
+    assert unfinished_embeddings(str(root), list(SHARDS)) == []
+    assert embed_image_dataset(str(root), TINY, clip_weights[0])["computed"] == []
+
+    assert stage_data("prior", cascade_preset("tiny"), str(root), None) == str(root)
+
+    (root / "embeddings/00001.done.json").unlink()  # killed after its parquet, before its marker
+    assert unfinished_embeddings(str(root), list(SHARDS)) == ["shards/00001.tar"]
+    (root / "embeddings/00000.parquet").unlink()  # lost
+    assert unfinished_embeddings(str(root), list(SHARDS)) == list(SHARDS)
+    assert pending_shards(str(root), shards, identity) == shards
+    with pytest.raises(FileNotFoundError, match=r"stage prior needs CLIP embeddings: .*00000.done.json is missing "
+                                                r"or from other CLIP weights \(2 shards\); run the embed flow"):
+        stage_data("prior", cascade_preset("tiny"), str(root), None)
+
+
+def test_video_shards_write_their_markers_and_a_killed_shard_is_redone(tmp_path):
+    """The same for frame embeddings: each shard's call writes parquet then marker and returns a summary."""
+    videos = video_dataset(tmp_path / "videos", 32, shards=2, per_shard=1)
+    clip, seen = TINY.model_copy(update={"weights_path": None}), []
+
+    def run(embedder, root, todo):  # one shard after another, as the default does, keeping what comes back
+        for shard in todo:
+            seen.append(embedder(root, shard))
+            yield seen[-1]
+
+    out = embed_video_dataset(str(videos), clip, run=run)
+    assert out["computed"] == ["shards/00000.tar", "shards/00001.tar"] and out["clips"] == 2
+    assert all(len(pickle.dumps(s)) < 256 and set(map(type, s.values())) <= {str, int} for s in seen)
+    assert has_video_embeddings(str(videos))
+
+    kept, killed = videos / "embeddings/00000.parquet", videos / "embeddings/00001.parquet"
+    os.utime(kept, ns=(1, 1))
+    killed.write_bytes(killed.read_bytes()[:50])
+    (videos / "embeddings/00001.done.json").unlink()
+    assert not has_video_embeddings(str(videos))  # the frozen CLIP conditions until it is redone
+    again = embed_video_dataset(str(videos), clip)
+    assert again["computed"] == ["shards/00001.tar"] and kept.stat().st_mtime_ns == 1
+    assert pq.read_table(killed).num_rows == 1 and has_video_embeddings(str(videos))
 
 
 def _train_red_head(weights: str, path: Path) -> str:
@@ -183,7 +265,9 @@ def test_pixel_filter_flags_the_detected_samples(dataset, clip_weights, ray_sess
     assert (nsfw[red] > 0.5).all() and (nsfw[~red] < 0.5).all()
     assert table["pixel_keep"].to_pylist() == list(~red)
     assert table["watermark_score"].null_count == len(table)  # that head is off
-    assert out["pixel_kept"] == {"shards/00000.tar": 6, "shards/00001.tar": 1}
+    assert out["pixel_kept"] == 7 and out["rows"] == sum(SHARDS.values())
+    markers = {n: json.loads((root / f"embeddings/{n}.done.json").read_text()) for n in ("00000", "00001")}
+    assert {n: m["pixel_kept"] for n, m in markers.items()} == {"00000": 6, "00001": 1}
     assert out["pixel_filters"] == {"nsfw": {"sha256": sha256_file(head), "max": 0.5}}
 
 

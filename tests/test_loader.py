@@ -127,5 +127,6 @@ def test_video_stages_read_the_stored_frame_embeddings_of_their_clips(tmp_path) 
     assert torch.equal(stage.video_embedding(batch["video"], batch["clip_emb"]), batch["clip_emb"])
     mid = span_embedding(times, embs, 0.4, 1.1)  # frames at 0.5 and 1.0
     torch.testing.assert_close(mid, torch.nn.functional.normalize(torch.from_numpy(embs[1:3].mean(0)), dim=-1))
-    index = json.loads((videos / "embeddings" / "embeddings.json").read_text())
-    assert index["shards"]["shards/00000.tar"]["clips"] == read_manifest(str(videos))["shards"][0]["samples"]
+    marker = json.loads((videos / "embeddings" / "00000.done.json").read_text())  # written after the parquet
+    assert marker["rows"] == read_manifest(str(videos))["shards"][0]["samples"] and marker["skipped_clips"] == 0
+    assert marker["identity"] == json.loads((videos / "embeddings" / "embeddings.json").read_text())

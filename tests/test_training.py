@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
@@ -33,6 +32,7 @@ from model.layers import resize
 from model.networks import build_network
 from pipelines.cli.train import add_train_commands
 from pipelines.config import load_config
+from pipelines.embed import write_identity, write_shard
 from training.config import STAGES, StageTrainConfig, train_preset
 from training.data import sample_stream, shard_urls, stage_batches
 from training.faults import CHAOS_ENV
@@ -90,7 +90,8 @@ def image_dataset(root: Path, size: int, shards: int = 2, per_shard: int = 8) ->
 
 
 def write_embeddings(root: Path, clip: torch.nn.Module, tokenizer) -> None:
-    """What pipelines/embed.py writes: embeddings/NNNNN.parquet (key, image_emb, text_emb) + embeddings.json."""
+    """What pipelines/embed.py writes: embeddings/NNNNN.parquet (key, image_emb, text_emb), then its
+    NNNNN.done.json marker, per shard; embeddings.json (what they depend on)."""
     (root / "embeddings").mkdir(exist_ok=True)
     manifest = json.loads((root / "manifest.json").read_text())
     for shard in manifest["shards"]:
@@ -104,8 +105,9 @@ def write_embeddings(root: Path, clip: torch.nn.Module, tokenizer) -> None:
         table = pa.table({"key": [s["__key__"] for s in samples],
                           "image_emb": pa.FixedSizeListArray.from_arrays(pa.array(image.reshape(-1)), dim),
                           "text_emb": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1)), dim)})
-        pq.write_table(table, root / "embeddings" / (Path(shard["name"]).stem + ".parquet"))
-    (root / "embeddings" / "embeddings.json").write_text(json.dumps({"clip": {"model_name": "test"}, "dim": dim}))
+        identity = {"clip": {"model_name": "test"}, "dim": dim}
+        write_shard(str(root), shard["name"], table, identity)
+    write_identity(str(root), identity)
 
 
 def video_dataset(root: Path, size: int, shards: int = 2, per_shard: int = 4) -> Path:

@@ -38,11 +38,10 @@ from PIL import Image
 from training.loaders.clips import FpsSchedule, decode_sample
 from training.loaders.stream import sample_seed, sample_stream
 from training.stages import ImageView, VideoView
-from training.storage import EMBEDDINGS, IMAGE_EXTENSIONS, embeddings_path, join, read_manifest
+from training.storage import IMAGE_EXTENSIONS, embeddings_path, join, read_manifest, unfinished_embeddings
 
 log = logging.getLogger(__name__)
 EMBEDDING_TABLES_KEPT = 8  # shards a shuffle buffer spans at once, with room to spare
-EMBEDDINGS_INDEX = "embeddings.json"  # beside the parquets: what they were computed with
 PREFETCH_BATCHES = 2  # batches each rank's loader keeps decoded ahead of the step
 Split = Literal["auto", "samples", "shards"]
 
@@ -192,15 +191,11 @@ def clip_dataset(sample: dict[str, Any]) -> str | None:
 
 
 def has_video_embeddings(root: str) -> bool:
-    """Whether the embed step finished frame embeddings for every shard of this video dataset (its index
-    lists them all); a dataset without them, or with only some, is conditioned by the frozen CLIP."""
-    path = join(root, EMBEDDINGS, EMBEDDINGS_INDEX)
-    fs, local = fsspec.core.url_to_fs(path)
-    if not fs.exists(local):
-        return False
-    done = json.loads(fs.cat(local)).get("shards", {})
+    """Whether the embed step finished frame embeddings for every shard of this video dataset (each has
+    its parquet and a marker written under the CLIP and spacing embeddings.json records); a dataset without
+    them, or with only some, is conditioned by the frozen CLIP."""
     names = [s["name"] for s in read_manifest(root, "videos").get("shards", []) if s.get("samples", 1) > 0]
-    return all(name in done for name in names)
+    return not unfinished_embeddings(root, names)
 
 
 def stack(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -312,19 +307,22 @@ def stage_batches(root: str, view: ImageView | VideoView, *, global_batch: int, 
                   seed: int, total_steps: int, start_step: int = 0, split: Split = "auto",
                   tokenizer: Callable | None = None, shuffle_buffer: int = 0,
                   fps: FpsSchedule = FpsSchedule(), video_datasets: tuple[str, ...] | None = None,
-                  loader_workers: int = 0, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                  loader_workers: int = 0, pin_memory: bool = False, decode: Callable | None = None
+                  ) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of global_batch / world samples, from step `start_step` on, forever.
     Each batch also holds "seed" (B,) int64, the per-sample seeds for the loss's random draws.
     Video clips are drawn at fps from `fps` at the step's progress through `total_steps`; with
     `video_datasets`, only clips of those datasets are used. `loader_workers` > 0 decodes in that many
-    DataLoader processes, PREFETCH_BATCHES batches ahead."""
+    DataLoader processes, PREFETCH_BATCHES batches ahead. `decode`: a decoder in place of the view's
+    (training.routing's crops and frames)."""
     if global_batch % world:
         raise ValueError(f"batch_size {global_batch} does not split over {world} workers")
     kind = "images" if isinstance(view, ImageView) else "videos"
     source = rank_stream(root, kind, global_batch=global_batch, rank=rank, world=world, seed=seed,
                          total_steps=total_steps, start_step=start_step, split=split,
                          shuffle_buffer=shuffle_buffer)
-    decode = ImageDecoder(root, view) if kind == "images" else VideoDecoder(root, view, fps, video_datasets)
+    if decode is None:
+        decode = ImageDecoder(root, view) if kind == "images" else VideoDecoder(root, view, fps, video_datasets)
     local = global_batch // world
     chunks: Any = SampleSource(source, decode, chunk=local)
     if loader_workers > 0:
