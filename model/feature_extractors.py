@@ -4,8 +4,10 @@ Pretrained networks are loaded from local files only (never downloaded):
 - `I3DExtractor`: the TorchScript I3D of the StyleGAN-V FVD release (`i3d_torchscript.pt`), or a state
   dict of the PyTorch InceptionI3d (piergiaj/pytorch-i3d, VideoGPT's `i3d_pretrained_400.pt`). Features
   are the 400 Kinetics logits, as the original TensorFlow FVD uses.
-- `InceptionExtractor`: torchvision's inception_v3 architecture with weights from a local file; features
-  are the 2048-d pool features, logits feed the Inception Score.
+- `InceptionExtractor`: torchvision's inception_v3 architecture with weights from a local file (or
+  StyleGAN3's TorchScript `inception-2015-12-05.pt`); features are the 2048-d pool features, logits feed
+  the Inception Score.
+- `model.c3d.C3DClassifier`: the UCF-101 C3D of the video Inception Score.
 The small built-in extractors (`RandomVideoExtractor`, `ClipFrameExtractor`) need no downloaded weights,
 so the metrics run in tests and on the toy world; their numbers compare runs with each other, not with
 published FVD/FID values.
@@ -88,7 +90,8 @@ class ClipFrameExtractor:
 
 # ----------------------------------------------------------------------------- Inception (FID, IS)
 
-def _checked_path(weights_path: str | Path, what: str) -> Path:
+def checked_path(weights_path: str | Path, what: str) -> Path:
+    """`weights_path` as a Path, or one FileNotFoundError line naming the network and where it looked."""
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights not found: {path} (weights are never downloaded; "
@@ -108,7 +111,13 @@ class InceptionExtractor(nn.Module):
         super().__init__()
         from torchvision.models import inception_v3
 
-        state_dict, _ = load_weights(_checked_path(weights_path, "Inception"))
+        path = checked_path(weights_path, "Inception")
+        self.scripted = is_torchscript(path)
+        if self.scripted:  # StyleGAN3's inception-2015-12-05.pt: uint8-range NCHW in, resizes itself
+            self.net = torch.jit.load(str(path), map_location=device).eval()
+            self.fc = nn.Linear(1, 1).to(device)  # only its device is read; logits need a state dict
+            return
+        state_dict, _ = load_weights(path)
         num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 1000
         net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=num_classes,
                            transform_input=False)
@@ -125,10 +134,15 @@ class InceptionExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scripted:
+            x = unit_pixels(images, 4).permute(0, 3, 1, 2).to(self.fc.weight.device) * 255
+            return self.net(x, return_features=True).float()  # (B, 2048)
         return self.net(self._prepare(images))  # (B, 2048)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scripted:
+            raise ValueError("Inception logits need a state dict; a TorchScript Inception gives features only")
         return self.fc(self.forward(images))  # (B, classes)
 
 
@@ -219,7 +233,7 @@ class InceptionI3d(nn.Module):
         return self.logits(x).squeeze(4).squeeze(3).mean(dim=2)  # (B, classes)
 
 
-def _is_torchscript(path: Path) -> bool:
+def is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files holding the model's code; state dicts saved by torch.save
     are zip files without it."""
     if not zipfile.is_zipfile(path):
@@ -237,9 +251,9 @@ class I3DExtractor(nn.Module):
 
     def __init__(self, weights_path: str | Path, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        path = _checked_path(weights_path, "I3D")
+        path = checked_path(weights_path, "I3D")
         self.device = torch.device(device)
-        self.scripted = _is_torchscript(path)
+        self.scripted = is_torchscript(path)
         if self.scripted:
             self.net = torch.jit.load(str(path), map_location=self.device).eval()
         else:
@@ -250,7 +264,17 @@ class I3DExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
-        x = unit_pixels(videos, 5).permute(0, 4, 1, 2, 3).to(self.device)  # (B, 3, F, H, W) in [0, 1]
         if self.scripted:
+            x = unit_pixels(videos, 5).permute(0, 4, 1, 2, 3).to(self.device)  # (B, 3, F, H, W) in [0, 1]
             return self.net(x * 255, rescale=True, resize=True, return_features=True).float()
-        return self.net(_resize_frames(x, 224) * 2 - 1).float()  # (B, 400)
+        return self.net(i3d_input(videos).to(self.device)).float()  # (B, 400)
+
+
+I3D_SIZE = 224
+
+
+def i3d_input(videos: torch.Tensor) -> torch.Tensor:
+    """The reference FVD preprocessing (StyleGAN-V, common_metrics_on_video_quality): (B, F, H, W, 3)
+    pixels -> (B, 3, F, 224, 224) float in [-1, 1], each frame resized bilinearly (antialiased)."""
+    x = unit_pixels(videos, 5).permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W) in [0, 1]
+    return (_resize_frames(x, I3D_SIZE) * 2 - 1).clamp(-1, 1)

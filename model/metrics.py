@@ -65,6 +65,32 @@ def fid(features_real: Array, features_fake: Array) -> float:
     return frechet_distance(*feature_statistics(features_real), *feature_statistics(features_fake))
 
 
+class RunningStats:
+    """Mean and covariance of features seen batch by batch (float64 sums): the Frechet statistics of a
+    set too large to hold, e.g. every frame of every MSR-VTT sample for frame FID."""
+
+    def __init__(self, dim: int) -> None:
+        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def update(self, features: Array) -> None:
+        x = _float64(features)
+        self.n += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, unbiased covariance), equal to `feature_statistics` of all the rows seen."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature rows, got {self.n}")
+        mean = self.sum / self.n
+        return mean, (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+
+
+def fid_of_stats(real: RunningStats, fake: RunningStats) -> float:
+    """`fid` of two feature sets given their `RunningStats`."""
+    return frechet_distance(*real.statistics(), *fake.statistics())
+
+
 # ----------------------------------------------------------------------------- Inception Score
 
 def inception_score(logits_or_probs: Array, splits: int = 10, *, are_probs: bool | None = None

@@ -42,8 +42,11 @@ from training.job import Job
 from training.loop import run, train_loop_per_worker
 from training.plan import StagePlan, resolve_stage
 from training.registry import resolve_weights
+from training.routing import second_data
 from training.stages import ImageView, requires, stage_spec
-from training.storage import MANIFEST, embeddings_path, filesystem, hash_settings, join, read_manifest
+from training.storage import (MANIFEST, embeddings_marker_path, filesystem, hash_settings, join, read_manifest,
+                              unfinished_embeddings)
+from training.tracker import DEFAULT_ALIAS
 from training.tracking import MlflowTracker, pipeline_parent_run, resolve_tracking_uri
 from training.workers import LocalWorker
 
@@ -79,12 +82,11 @@ def stage_data(stage: str, cascade: CascadeConfig, images: str | None, videos: s
         _check_video_datasets(stage, spec.data, root, manifest, video_datasets)
     view = spec.view(cascade)
     if isinstance(view, ImageView) and view.embeddings:
-        fs = filesystem(root)
-        missing = [p for p in (embeddings_path(root, u[len(root) + 1:]) for u in shard_urls(root, manifest))
-                   if not fs.exists(p)]
+        missing = unfinished_embeddings(root, [u[len(root) + 1:] for u in shard_urls(root, manifest)])
         if missing:
-            raise FileNotFoundError(f"stage {stage} needs CLIP embeddings: {missing[0]} is missing "
-                                    f"({len(missing)} shards); run the embed flow on this dataset first")
+            raise FileNotFoundError(f"stage {stage} needs CLIP embeddings: {embeddings_marker_path(root, missing[0])} "
+                                    f"is missing or from other CLIP weights ({len(missing)} shards); run the embed "
+                                    "flow on this dataset first")
     return root
 
 
@@ -178,11 +180,11 @@ def _staged(folder: str) -> Iterator[Path]:
             fs.put_file(str(file), join(folder, file.name))
 
 
-def _settings_hash(stage: str, cfg: Any, data: str) -> str:
+def _settings_hash(stage: str, cfg: Any, data: str, extra: str | None = None) -> str:
     """What a resumed attempt must share with the stopped one: the stage's network and training config."""
     cascade, train_cfg = _configs(cfg)
     settings = {"cascade": cascade.model_dump(mode="json"), "train": train_cfg.stage(stage).model_dump(mode="json"),
-                "data": data}
+                "data": data if extra is None else [data, extra]}
     return hash_settings(settings)
 
 
@@ -263,13 +265,13 @@ def _final_weights(ckpt: Path, folder: Path, stage: str, steps: int) -> Path:
 
 def job_config(stage: str, cfg: Any, data: str, run_root: str, *, tracking_uri: str | None = None,
                experiment: str = "make-a-video", run_id: str | None = None, split: str | None = None,
-               resolved: Resolved | None = None) -> dict:
+               resolved: Resolved | None = None, extra_data: str | None = None) -> dict:
     """The JSON-able job every worker rebuilds with `Job.from_config` (training/job.py), with the stage's
     configs resolved (`resolve`; pass `resolved` to reuse them). Upstream weights come from the registry
     ("mlflow" = models:/mav-<stage>@current); MAV_FAIL_AT_STEP is forwarded (chaos knob)."""
     cascade, train, _ = resolved or resolve(stage, cfg)
     return {"stage": stage, "cascade": cascade.model_dump(mode="json"),
-            "train": train.model_dump(mode="json"), "data": data, "run_root": run_root,
+            "train": train.model_dump(mode="json"), "data": data, "extra_data": extra_data, "run_root": run_root,
             "tracking_uri": tracking_uri, "experiment": experiment, "run_id": run_id,
             "sources": {dep: "mlflow" for dep in requires(stage, cascade)}, "split": split,
             "fail_at_step": os.environ.get(CHAOS_ENV)}
@@ -278,10 +280,11 @@ def job_config(stage: str, cfg: Any, data: str, run_root: str, *, tracking_uri: 
 def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | None = None,
               run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
               parent_run_id: str | None = None, force: bool = False, split: str | None = None,
-              in_process: bool = False, resolved: Resolved | None = None) -> StageResult:
-    """Train one stage on Ray Train, register its weights as `mav-<stage>@current`, and return where
-    they are. A finished stage (result.json + weights) is skipped unless `force`, which also drops its
-    checkpoints so training starts over. `in_process`: train in this process with the same loop instead
+              in_process: bool = False, resolved: Resolved | None = None,
+              alias: str | None = DEFAULT_ALIAS) -> StageResult:
+    """Train one stage on Ray Train, register its weights as `mav-<stage>@challenger` and `@<alias>` (None:
+    see `MlflowTracker.register_weights`), and return where they are. A finished stage (result.json +
+    weights) is skipped unless `force`, which also drops its checkpoints so training starts over. `in_process`: train in this process with the same loop instead
     (no Ray; one process whatever num_workers says, which keeps the global batch and the loss curve;
     checkpoints in <run_root>/local/<stage>): for debugging a stage, and where Ray's start-up is the cost."""
     cascade, train_cfg = _configs(cfg)
@@ -302,19 +305,22 @@ def run_stage(stage: str, cfg: Any, images: str | None = None, videos: str | Non
     resolved = resolved or resolve(stage, cfg)  # a stage that cannot fit its GPUs fails before any worker starts
     train = resolved[1]
     data = stage_data(stage, cascade, images, videos, train.video_datasets)
+    extra = second_data(stage, cascade, train, {k: v and location(v) for k, v in (("images", images),
+                                                                                 ("videos", videos))})
     _check_sources({dep: "mlflow" for dep in requires(stage, cascade)}, tracking_uri)
     tracker = MlflowTracker(tracking_uri, experiment or train_cfg.experiment)
-    run_id = _stage_run(folder, tracker, stage, parent_run_id, _settings_hash(stage, cfg, data))
+    run_id = _stage_run(folder, tracker, stage, parent_run_id, _settings_hash(stage, cfg, data, extra))
     config = job_config(stage, cfg, data, root, tracking_uri=tracking_uri, experiment=tracker.experiment,
-                        run_id=run_id, split=split, resolved=resolved)
+                        run_id=run_id, split=split, resolved=resolved, extra_data=extra)
     try:
         with _trained(stage, config, train, root, in_process) as ckpt, _staged(folder) as local:
             weights = _final_weights(ckpt, local, stage, train.steps)
-            log_dataset(tracker, data)
+            for folder_read in filter(None, (data, extra)):
+                log_dataset(tracker, folder_read)
             tracker.log_dict({k: v for k, v in config.items() if k != "fail_at_step"}, "config/resolved.json")
             if resolved[2] is not None:
                 tracker.log_dict(resolved[2].as_dict(), "config/plan.json")
-            version = tracker.register_weights(stage, str(weights))
+            version = tracker.register_weights(stage, str(weights), alias=alias)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -360,8 +366,10 @@ def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos
               run_root: str = "runs", *, tracking_uri: str | None = None, experiment: str | None = None,
               parent_run_id: str | None = None, force: bool = False, in_process: bool = False,
               after_stage: Callable[[str, StageResult], None] | None = None,
-              resolved: dict[str, Resolved] | None = None) -> dict[str, StageResult]:
-    """Run the stages in order, each a child of one parent MLflow run (a new one unless given).
+              resolved: dict[str, Resolved] | None = None, alias: str | None = DEFAULT_ALIAS
+              ) -> dict[str, StageResult]:
+    """Run the stages in order, each a child of one parent MLflow run (a new one unless given); `alias`:
+    see `run_stage`.
 
     `after_stage(stage, result)` runs once a stage is done (or skipped as done): the pipeline layer
     computes the CLIP embeddings of the image shards there, after `clip` and before the stages that
@@ -372,7 +380,7 @@ def train_all(stages: Iterable[str], cfg: Any, images: str | None = None, videos
     resolved = resolved if resolved is not None else resolve_all(order, cfg)
     uri = resolve_tracking_uri(tracking_uri, train_cfg.tracking_uri, location(run_root))
     kw = {"images": images, "videos": videos, "run_root": run_root, "tracking_uri": uri,
-          "experiment": experiment, "force": force, "in_process": in_process}
+          "experiment": experiment, "force": force, "in_process": in_process, "alias": alias}
 
     def run_all(parent: str) -> dict[str, StageResult]:
         results = {}

@@ -8,12 +8,19 @@ logged as a run artifact; this module turns "the current decoder" back into a lo
 - any other URI MLflow can download (`runs:/...`, `s3://...`, `file://...`);
 - a local `.safetensors` file, or a checkpoint folder holding one.
 
+Promotion on evidence: every registration points the stage's `challenger` alias at the new version;
+`current` (what sampling reads) moves when the registering caller says so (no evaluation configured, or
+the stage's first version), when `promote_on_evidence` finds the challenger meets its `PromotionPolicy`'s
+bar or beats the current version's recorded score, or by hand with a recorded reason (`promote`).
+
 The registry is read with an explicit `MlflowClient(tracking_uri)`: MLflow's own `models:/` resolver uses
 the process-wide registry URI, which would silently read another store.
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -140,3 +147,110 @@ def stage_versions(tracking_uri: str, alias: str = DEFAULT_ALIAS) -> dict[str, d
                       "source": version.source, "config_hash": version.tags.get("config_hash"),
                       "sha256": version.tags.get("sha256")}
     return out
+
+
+# ----------------------------------------------------------------------------- promotion on evidence
+
+LOWER_IS_BETTER = ("fvd", "fid")  # metric names ending so are distances; every other metric is a score
+TOY_METRIC = "eval/quality_bar"  # 1 when the toy world's quality bar passed, 0 when it failed
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """What moves a stage's `current`. `metric` None: every registration does (no evaluation). Else a
+    challenger is promoted when its `metric` meets `bar` (when set) or beats the value recorded on the
+    current version; `higher_is_better` says which way beats."""
+
+    metric: str | None = None
+    higher_is_better: bool = True
+    bar: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "PromotionPolicy":
+        """"none"; "toy" (the toy world's quality bar); "<metric>>=<bar>" or "<metric><=<bar>"; or a bare
+        "<metric>" (beat the current; distances such as ucf101.fvd lower, scores higher)."""
+        text = text.strip()
+        if text == "none":
+            return cls()
+        if text == "toy":
+            return cls(TOY_METRIC, True, 1.0)
+        for op, higher in ((">=", True), ("<=", False)):
+            if op in text:
+                metric, _, bar = text.partition(op)
+                try:
+                    return cls(metric.strip(), higher, float(bar))
+                except ValueError:
+                    raise ValueError(f"promotion bar must be a number: {text!r}") from None
+        if not text or any(c in text for c in "<>= "):
+            raise ValueError(f"promotion policy must be none, toy, METRIC, METRIC>=BAR or METRIC<=BAR; got {text!r}")
+        return cls(text, not text.lower().endswith(LOWER_IS_BETTER), None)
+
+    def decide(self, value: float | None, current: float | None) -> tuple[bool, str]:
+        """(promote?, why) for a challenger scoring `value` against the current's recorded `current`."""
+        if self.metric is None:
+            return True, "no evaluation configured: every registration becomes current"
+        if value is None or math.isnan(value):
+            return False, f"no {self.metric} for the challenger"
+        better = (lambda a, b: a > b) if self.higher_is_better else (lambda a, b: a < b)
+        if self.bar is not None and (value == self.bar or better(value, self.bar)):
+            return True, f"{self.metric} {value:.6g} meets the bar {self.bar:.6g}"
+        if current is None:
+            if self.bar is not None:
+                return False, f"{self.metric} {value:.6g} misses the bar {self.bar:.6g} (current has no {self.metric})"
+            return True, f"{self.metric} {value:.6g}; the current version has no {self.metric} recorded"
+        if better(value, current):
+            return True, f"{self.metric} {value:.6g} beats the current's {current:.6g}"
+        return False, f"{self.metric} {value:.6g} does not beat the current's {current:.6g}"
+
+
+def _alias_version(client, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception as err:
+        if not is_mlflow_error(err, "RESOURCE_DOES_NOT_EXIST"):
+            raise
+        return None
+
+
+def promote_on_evidence(tracking_uri: str, stage: str, version: int, metrics: dict[str, float],
+                        policy: PromotionPolicy) -> dict:
+    """Decide whether `version` of `stage` becomes `current` (`PromotionPolicy.decide` against the value the
+    current version carries in its tag mav.eval.<metric>), record the evidence and the decision as tags of
+    `version` (mav.eval.<metric>, mav.promotion.decision, mav.promotion.reason), move `current` when it
+    wins, and return the comparison."""
+    client = mlflow_client(tracking_uri)
+    name = registered_name(stage)
+    held = _alias_version(client, name, DEFAULT_ALIAS)
+    value = metrics.get(policy.metric) if policy.metric else None
+    record = {"stage": stage, "version": int(version), "metric": policy.metric, "value": value, "bar": policy.bar,
+              "current_version": int(held.version) if held else None, "current_value": None}
+    if held is not None and int(held.version) == int(version):
+        promoted, reason = True, "already current (the stage's first registration, or promoted before)"
+    else:
+        if held is not None and policy.metric:
+            tagged = held.tags.get(f"mav.eval.{policy.metric}")
+            record["current_value"] = float(tagged) if tagged is not None else None
+        promoted, reason = policy.decide(value, record["current_value"])
+    if value is not None:
+        client.set_model_version_tag(name, str(version), f"mav.eval.{policy.metric}", str(value))
+    client.set_model_version_tag(name, str(version), "mav.promotion.decision", "promoted" if promoted else "kept")
+    client.set_model_version_tag(name, str(version), "mav.promotion.reason", reason)
+    if promoted:
+        client.set_registered_model_alias(name, DEFAULT_ALIAS, str(version))
+    return {**record, "promoted": promoted, "reason": reason}
+
+
+def promote(tracking_uri: str, stage: str, version: int, reason: str) -> dict:
+    """Move `stage`'s `current` to `version` by hand, the reason recorded on the version
+    (mav.promotion.decision = "manual", mav.promotion.reason). Returns {stage, version, previous, reason}."""
+    if not reason.strip():
+        raise ValueError("a manual promotion needs a reason")
+    client = mlflow_client(tracking_uri)
+    name = registered_name(stage)
+    target = _registry_version(stage, f"models:/{name}/{int(version)}", tracking_uri)
+    held = _alias_version(client, name, DEFAULT_ALIAS)
+    client.set_model_version_tag(name, target.version, "mav.promotion.decision", "manual")
+    client.set_model_version_tag(name, target.version, "mav.promotion.reason", reason.strip())
+    client.set_registered_model_alias(name, DEFAULT_ALIAS, target.version)
+    return {"stage": stage, "version": int(target.version), "previous": int(held.version) if held else None,
+            "reason": reason.strip()}

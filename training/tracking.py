@@ -27,6 +27,8 @@ from training.config import STAGES
 from training.storage import hash_settings, sha256_file
 from training.tracker import DEFAULT_ALIAS, Tracker
 
+CHALLENGER_ALIAS = "challenger"  # every registration's alias; `current` moves on evidence (training.registry)
+
 log = logging.getLogger(__name__)
 
 ParamValue = str | int | float | bool
@@ -248,11 +250,13 @@ class MlflowTracker(Tracker):
         self.client.log_inputs(self._run_id(), datasets=[DatasetInput(dataset, tags)])
         self.log_artifact(str(path), f"datasets/{context}")
 
-    def register_weights(self, stage: str, weights_path: str, alias: str = DEFAULT_ALIAS) -> int:
+    def register_weights(self, stage: str, weights_path: str, alias: str | None = DEFAULT_ALIAS) -> int:
         """Log the file under `weights/<sha256[:12]>/` (so every version keeps its own immutable file,
         even when one run registers twice), register it as a new version of `registered_name(stage)`
-        whose source is that artifact, and point `alias` at it. No model flavor or MLmodel file is
-        needed: a version is a name, a source URI and tags."""
+        whose source is that artifact, and point `challenger` and `alias` at it. `alias` None: challenger
+        only, and `current` too when the stage has none yet (nothing to compare with; promotion on evidence
+        is `training.registry.promote_on_evidence`). No model flavor or MLmodel file is needed: a version
+        is a name, a source URI and tags."""
         from model.checkpoint import CONFIG_KEY, read_metadata  # torch: kept out of `mav --help`'s imports
 
         name = registered_name(stage)
@@ -268,9 +272,16 @@ class MlflowTracker(Tracker):
         tags = {"stage": stage, "run_id": run_id, "sha256": sha,
                 "config_hash": config_hash(read_metadata(path).get(CONFIG_KEY))}
         version = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
-        self.client.set_registered_model_alias(name, alias, version.version)
+        self.client.set_registered_model_alias(name, CHALLENGER_ALIAS, version.version)
+        if alias is None and not self._has_alias(name, DEFAULT_ALIAS):
+            alias = DEFAULT_ALIAS
+        if alias is not None:
+            self.client.set_registered_model_alias(name, alias, version.version)
         self.client.set_tag(run_id, f"mav.registered.{stage}", f"{name}/{version.version}")
         return int(version.version)
+
+    def _has_alias(self, name: str, alias: str) -> bool:
+        return alias in (self.client.get_registered_model(name).aliases or {})
 
     def _ensure_registered_model(self, name: str, stage: str) -> None:
         try:

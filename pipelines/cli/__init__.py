@@ -14,6 +14,7 @@ from pipelines.cli.demo import add_demo_command
 from pipelines.cli.evaluate import add_evaluate_commands
 from pipelines.cli.generate import add_generate_commands
 from pipelines.cli.plan import add_plan_command
+from pipelines.cli.promote import add_promote_command
 from pipelines.cli.train import add_train_commands
 from pipelines.cli.world import add_config_command, add_world_commands, cmd_world
 from pipelines.config import ConfigError
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in (add_config_command, add_world_commands, add_data_commands, add_train_commands,
-                         add_plan_command, add_generate_commands, add_evaluate_commands, add_demo_command):
+                         add_plan_command, add_generate_commands, add_evaluate_commands, add_promote_command,
+                         add_demo_command):
         add_commands(sub)
     return parser
 

@@ -13,7 +13,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.flows.train import train_cascade
 
     results = train_cascade([args.stage], config_from_args(args), images=args.images, videos=args.videos,
-                            run_root=args.out, force=args.force, in_process=args.in_process)
+                            run_root=args.out, force=args.force, in_process=args.in_process,
+                            promotion=args.promotion)
     for result in results.values():
         print(f"{result.stage}: {result.weights_path} (mav-{result.stage} version {result.version}, "
               f"{result.steps} steps)")
@@ -34,6 +35,10 @@ def add_train_commands(subparsers: Any) -> None:
     p.add_argument("--out", default="runs", help="run folder: a local path or an fsspec URL every node reaches "
                    "(s3://...: then also --set train.tracking_uri=URL or MLFLOW_TRACKING_URI) (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain stages that already finished")
+    p.add_argument("--promotion", default="none", metavar="POLICY",
+                   help="when a new version becomes @current: none (at once), toy (the toy world's quality bar), "
+                        "METRIC>=BAR / METRIC<=BAR, or METRIC (beat the current); otherwise it stays @challenger "
+                        "(`mav promote` moves it by hand) (default: %(default)s)")
     p.add_argument("--in-process", action="store_true",
                    help="train in this process with the same loop, without Ray: one process whatever "
                         "num_workers says (same global batch), checkpoints in RUN_ROOT/local/ (debugging a stage)")

@@ -7,5 +7,9 @@
 - `references`: the world's own videos as FVD references;
 - `tracking`: what an evaluation logs to MLflow;
 - `run`: the evaluation stage (`evaluate_cascade`; `evaluate`, the Prefect flow's body);
-- `links`: where a prompt is lost before the video stages (`mav evaluate --links`).
+- `links`: where a prompt is lost before the video stages (`mav evaluate --links`);
+- the paper's zero-shot protocols (`mav evaluate --protocol`): `ucf101` (FVD on I3D, IS on C3D), `msrvtt`
+  (CLIPSIM, frame FID), on `datasets` (the datasets' own layouts), `generation` (resumable, on Ray actors)
+  and `protocols` (checks, feature caches, MLflow);
+- `promotion`: the challenger cascade judged after training; `current` moves on evidence.
 """

@@ -33,6 +33,7 @@ from pipelines.generate import load_cascade, tracking_uri_of
 from pipelines.outputs import write_gif
 from pipelines.watermark import WatermarkConfig, apply_watermark
 from training.lineage import video_lineage
+from training.tracker import DEFAULT_ALIAS
 from training.tracking import MlflowTracker, tracked_run
 
 SAMPLE_MIN_SIDE = 128  # evaluation GIFs are enlarged to at least this side before the watermark goes on
@@ -99,19 +100,20 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
                      stop_at: str | None = None, fps: float = DEFAULT_FPS, reference_videos: Sequence | None = None,
                      parent_run_id: str | None = None, batch_size: int = 8, n_gifs: int = 4,
                      device: str | None = None, eval_cfg: EvalConfig | None = None,
-                     lineage: dict | None = None) -> dict:
+                     lineage: dict | None = None, alias: str = DEFAULT_ALIAS) -> dict:
     """Generate `samples_per_prompt` videos per prompt with the trained cascade (up to `stop_at`),
     score them, compute CLIPSIM (the cascade's CLIP) and, given reference videos, FVD; log it all to an
     MLflow run "evaluate" (a child of `parent_run_id`); print the table. `lineage`: the video stages'
-    `video_lineage` when the caller has it already; else it is read here (MLflow weights only). Returns
-    run_id, summary, metrics, rows, table."""
+    `video_lineage` when the caller has it already; else it is read here (MLflow weights only). `alias`:
+    the registry alias read with weights="mlflow" (`challenger` to judge new weights). Returns run_id,
+    summary, metrics, rows, table."""
     if samples_per_prompt < 1 or batch_size < 1 or not prompts:
         raise ValueError("need at least one prompt, samples_per_prompt >= 1 and batch_size >= 1")
     output_shape(cfg, stop_at)  # a stop_at without videos fails here, before any loading
     specs = [PromptSpec.from_text(p) if isinstance(p, str) else p for p in prompts]
     uri = tracking_uri_of(cfg, tracking_uri)
     started = time.perf_counter()
-    cascade = load_cascade(cfg, weights, uri, stop_at=stop_at, device=device)
+    cascade = load_cascade(cfg, weights, uri, stop_at=stop_at, device=device, alias=alias)
     videos, specs, info, out_fps, trace = generate_samples(cascade, specs, samples_per_prompt, seed, stop_at, fps,
                                                            batch_size)
     rows = [{**r, **i} for r, i in zip(score_videos(videos, specs, eval_cfg), info)]
@@ -130,9 +132,9 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
           f"{info[0]['stage']} ({videos.shape[1]} frames, {videos.shape[3]}x{videos.shape[2]}), "
           f"{time.perf_counter() - started:.1f} s\n{table}")
     settings = {"prompts": len(specs) // samples_per_prompt, "samples_per_prompt": samples_per_prompt, "seed": seed,
-                "stop_at": stop_at or STAGES[-1], "fps": fps, "weights": weights,
+                "stop_at": stop_at or STAGES[-1], "fps": fps, "weights": weights, "alias": alias,
                 "reference_videos": len(reference_videos or []), "fvd_features": FVD_FEATURES}
-    used = weights_used(cascade, weights, uri)
+    used = weights_used(cascade, weights, uri, alias)
     with tracked_run(MlflowTracker(uri, experiment_of(cfg)), "evaluate", parent_run_id=parent_run_id,
                      tags=run_tags(used, summary)) as tracker:
         log_evaluation(tracker, cfg, settings, used, summary, rows, out)
@@ -143,7 +145,8 @@ def evaluate_cascade(cfg: Any, *, weights: str = "mlflow", tracking_uri: str | N
 def evaluate(out: str, preset: str = "toy", weights: str = "mlflow", tracking_uri: str | None = None,
              world: str | None = None, n_prompts: int = 8, samples_per_prompt: int = 2, seed: int = 0,
              config: str | dict | None = None, overrides: list[str] | None = None, stop_at: str | None = None,
-             fps: float = DEFAULT_FPS, parent_run_id: str | None = None, lineage: dict | None = None) -> dict:
+             fps: float = DEFAULT_FPS, parent_run_id: str | None = None, lineage: dict | None = None,
+             alias: str = DEFAULT_ALIAS) -> dict:
     """The body of `evaluate_flow`. `config`: a YAML path (with `overrides`) or a resolved config tree;
     `world`: a generated world folder, whose LAION rows define the held-out triples and whose videos
     are the FVD reference; without it the held-out triples come from the config's world plan. `lineage`:
@@ -161,5 +164,6 @@ def evaluate(out: str, preset: str = "toy", weights: str = "mlflow", tracking_ur
         reference = load_reference_videos(world, frames, side, (cfg.cascade.shape.frames - 1) / fps)
     result = evaluate_cascade(cfg, weights=weights, tracking_uri=tracking_uri, out_dir=out, prompts=prompts,
                               samples_per_prompt=samples_per_prompt, seed=seed, stop_at=stop_at, fps=fps,
-                              reference_videos=reference, parent_run_id=parent_run_id, lineage=lineage)
+                              reference_videos=reference, parent_run_id=parent_run_id, lineage=lineage,
+                              alias=alias)
     return {k: result[k] for k in ("run_id", "summary", "metrics", "out")}

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipelines.evaluation.aggregate import summary_metrics
 from training.registry import stage_versions
+from training.tracker import DEFAULT_ALIAS
 from training.tracker import Tracker
 
 
@@ -15,9 +16,10 @@ def experiment_of(cfg: Any) -> str:
     return getattr(getattr(cfg, "train", None), "experiment", "make-a-video")
 
 
-def weights_used(cascade: Any, weights: str, uri: str) -> dict[str, dict]:
-    """Per stage the cascade loaded: registry version, run, sha256 and source (None values dropped)."""
-    versions = stage_versions(uri) if weights == "mlflow" else {}
+def weights_used(cascade: Any, weights: str, uri: str, alias: str = DEFAULT_ALIAS) -> dict[str, dict]:
+    """Per stage the cascade loaded: registry version (of `alias`), run, sha256 and source (None values
+    dropped)."""
+    versions = stage_versions(uri, alias) if weights == "mlflow" else {}
     return {stage: {k: v for k, v in {**src, **versions.get(stage, {})}.items() if v is not None}
             for stage, src in cascade.sources.items()}
 

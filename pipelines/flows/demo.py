@@ -18,7 +18,9 @@ import yaml
 from prefect import flow
 
 from pipelines.config import PipelineConfig, dump_config
+from pipelines.evaluation.aggregate import summary_metrics
 from pipelines.evaluation.links import evaluate_links, first_lost
+from pipelines.evaluation.promotion import record_evidence
 from pipelines.evaluation.prompts import evaluation_prompts
 from pipelines.evaluation.run import evaluate
 from pipelines.evaluation.scorer import read_back
@@ -30,7 +32,7 @@ from pipelines.manifest import format_counts
 from pipelines.watermark import WatermarkConfig
 from pipelines.world import WorldConfig, generate_world, serve_world
 from training.lineage import describe, video_lineage
-from training.registry import stage_versions
+from training.registry import PromotionPolicy, stage_versions
 from training.storage import hash_settings
 from training.tracking import default_tracking_uri
 
@@ -44,6 +46,7 @@ DEMO_PROMPTS = ("a large red circle on a blue background",
                 "a large yellow square on a black background")
 # Scored on the video the demo delivers: SR_l, text-conditioned, redraws shapes that read as blobs at 32 px.
 EVAL_STAGE = "sr_high"
+DEMO_PROMOTION = "toy"  # when a retrained stage's weights replace the current ones (PromotionPolicy.parse)
 LINK_DRAWS = 8  # prior and D draws per prompt for the link reading
 
 
@@ -160,7 +163,11 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
                      **build_datasets(cfg, root, timings)}
     data = root / "data"
     with _timed(timings, "train"):
-        trained = train_cascade(["all"], cfg, str(data / "images"), str(data / "videos"), str(root / "train"))
+        # Retrained stages are challengers judged by the toy bar on the evaluation's own prompts.
+        trained = train_cascade(["all"], cfg, str(data / "images"), str(data / "videos"), str(root / "train"),
+                                promotion=DEMO_PROMOTION, evaluation={
+                                    "world": str(root / "world"), "n_prompts": EVAL_PROMPTS,
+                                    "samples_per_prompt": EVAL_SAMPLES, "stop_at": EVAL_STAGE})
     tracking_uri = default_tracking_uri(str((root / "train").resolve()))
     results["train"] = {"run_root": str(root / "train"), "tracking_uri": tracking_uri,
                         "stages": {s: {"version": r.version, "steps": r.steps} for s, r in trained.items()}}
@@ -172,6 +179,9 @@ def demo_flow(cfg_yaml: str, out: str) -> dict:
     with _timed(timings, "generate"):
         results["videos_out"] = make_videos(cfg, root, inputs, tracking_uri)
     results.update(evaluate_demo(cfg, root, inputs, tracking_uri, results["lineage"], timings))
+    # The evaluated (current) versions keep the score: what a later challenger of each stage has to beat.
+    record_evidence(tracking_uri, {s: v["version"] for s, v in inputs["weights"].items()},
+                    summary_metrics(results["evaluation"]["metrics"]), PromotionPolicy.parse(DEMO_PROMOTION))
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     (root / "summary.json").write_text(json.dumps(results, indent=2))
     return results
