@@ -357,3 +357,12 @@ def test_toy_world_videos_move_within_the_second_dt_samples():
     assert share(before, "moving") < 0.8 <= share(after, "moving")
     assert share(after, "moving") >= 0.95
     assert share(after, "temporal_consistency") >= 0.95 and share(after, "prompt_faithfulness") >= 0.95
+
+
+def test_presets_have_no_curation_defects(truth):
+    # Defects are opt-in (pipelines/world/defects.py): the tiny world's truth marks none; the defects preset has each.
+    assert not truth["overlay"].any() and not truth["still"].any()
+    assert truth["cut_at"].isna().all() and truth["duplicate_of"].isna().all() and truth["overlay_box"].isna().all()
+    assert not any(world_preset(name).has_defects for name in ("tiny", "toy", "paper"))
+    defects = world_preset("defects")
+    assert min(defects.overlay_share, defects.still_share, defects.cut_share, defects.duplicate_share) > 0

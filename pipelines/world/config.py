@@ -105,6 +105,12 @@ class WorldConfig(ConfigBase):
     crf: int = Field(20, ge=0, le=51, description="x264 quality")
     workers: int | None = Field(None, ge=1, description="render threads; None: the machine's cores")
     base_url: str = "http://127.0.0.1:8765"
+    # Curation defects (pipelines/world/defects.py), shares of the valid rows; 0 leaves a world without them.
+    overlay_share: float = Field(0.0, ge=0.0, le=0.5, description="WebVid videos under a static text logo")
+    still_share: float = Field(0.0, ge=0.0, le=0.5, description="WebVid videos that hold their first frame")
+    cut_share: float = Field(0.0, ge=0.0, le=0.5, description="WebVid videos that cut to a second scene")
+    duplicate_share: float = Field(0.0, ge=0.0, le=0.3, description=(
+        "WebVid videos and LAION images that near-duplicate an earlier row"))
 
     @field_validator("shapes")
     @classmethod
@@ -140,6 +146,8 @@ class WorldConfig(ConfigBase):
             raise ValueError(f"travel must satisfy 0 < min <= max <= 0.9, got {self.travel}")
         if not self.colours or not self.backgrounds or not self.sizes:
             raise ValueError("colours, backgrounds and sizes must not be empty")
+        if self.cut_share > 0 and len(self.backgrounds) < 2:
+            raise ValueError("cut_share > 0 needs two backgrounds at least: a cut switches to another one")
         if not all(0.03 <= s <= 0.2 for s in self.sizes.values()):
             raise ValueError(f"sizes are half-extents in 0.03..0.2 of the side, got {self.sizes}")
         for source, n, bad in (("laion", self.n_images, LAION_BAD), ("webvid", self.n_videos, WEBVID_BAD)):
@@ -150,6 +158,10 @@ class WorldConfig(ConfigBase):
         if ok_videos * self.clips_per_video < len(SPAN_DEFECTS) + 1:
             raise ValueError("hdvila: too few videos or clips to hold one clip of each bad span and one ok clip")
         return self
+
+    @property
+    def has_defects(self) -> bool:
+        return any(s > 0 for s in (self.overlay_share, self.still_share, self.cut_share, self.duplicate_share))
 
     @property
     def keyframe_interval(self) -> int:
@@ -195,7 +207,14 @@ def _paper() -> WorldConfig:
                                        "video_seconds": (8, 20)})
 
 
-WORLD_PRESETS = {"tiny": _tiny, "toy": _toy, "paper": _paper, "paper-cpu": _tiny}  # paper-cpu: CPU-sized data
+def _defects() -> WorldConfig:
+    # The tiny world's vocabulary with every curation defect on, at 96 px so the logo's letters are legible;
+    # enough videos that each defect has a dozen or so rows to score a curation stage against.
+    return WorldConfig(n_images=80, n_videos=100, video_size=96, video_seconds=(3, 4), bad_share=0.05,
+                       overlay_share=0.2, still_share=0.12, cut_share=0.12, duplicate_share=0.1)
+
+
+WORLD_PRESETS = {"tiny": _tiny, "toy": _toy, "paper": _paper, "paper-cpu": _tiny, "defects": _defects}  # paper-cpu: CPU-sized data
 
 
 def world_preset(name: str) -> WorldConfig:

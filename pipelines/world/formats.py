@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.world.config import CATEGORIES, CATEGORY_STAGE, WORLD_VERSION, WorldConfig
+from pipelines.world.defects import truth_columns
 
 LAION_SCHEMA = pa.schema([
     ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()),
@@ -38,6 +39,12 @@ GROUND_TRUTH_SCHEMA = pa.schema([
     ("duration", pa.float64()),    # videos, seconds
     ("span_start", pa.float64()), ("span_end", pa.float64()),  # hdvila clips, seconds
     ("truth", pa.string()),        # per-frame truth of a rendered video, relative to the world root
+    # Curation defects (pipelines/world/defects.py); False / null in a world without them.
+    ("overlay", pa.bool_()),       # a static semi-transparent logo over the whole video
+    ("overlay_box", pa.list_(pa.float64())),  # its [x0, y0, x1, y1], fractions of the side
+    ("still", pa.bool_()),         # the first frame held throughout
+    ("cut_at", pa.float64()),      # seconds into the video where it cuts to a second scene
+    ("duplicate_of", pa.string()),  # key of the earlier row this one near-duplicates
 ])
 
 
@@ -109,19 +116,22 @@ def write_ground_truth(root: Path, config: WorldConfig, images: list[dict], webv
     rows = []
     for r in images:
         url = config.base_url + r["url_path"]
-        rows.append({"source": "laion", "key": url, "url": url, "url_path": r["url_path"], "row": r["row"],
+        defects = truth_columns(r, lambda j: config.base_url + images[j]["url_path"], config.image_size)
+        rows.append({**defects, "source": "laion", "key": url, "url": url, "url_path": r["url_path"], "row": r["row"],
                      "expected": r["expected"], "detail": r["detail"], **_scene_columns(r), "motion": None,
                      "text": r["text"], "width": r["width"], "height": r["height"]})
     for v in webvid:
         url = config.base_url + v["url_path"]
-        rows.append({"source": "webvid", "key": url, "url": url, "url_path": v["url_path"], "row": v["row"],
+        defects = truth_columns(v, lambda j: config.base_url + webvid[j]["url_path"], config.video_size)
+        rows.append({**defects, "source": "webvid", "key": url, "url": url, "url_path": v["url_path"], "row": v["row"],
                      "expected": v["expected"], "detail": v["detail"], **_scene_columns(v),
                      "motion": v["motion"], "text": v["caption"], "width": config.video_size,
                      "height": config.video_size, "duration": float(v["seconds"]), "truth": _truth_path(root, v)})
     for v in hdvila:
         url = config.base_url + v["url_path"]
         for c in v["clips"]:
-            rows.append({"source": "hdvila", "key": c["clip_id"], "url": url, "url_path": v["url_path"],
+            rows.append({**truth_columns(v, str, config.video_size), "source": "hdvila", "key": c["clip_id"],
+                         "url": url, "url_path": v["url_path"],
                          "row": v["row"], "expected": c["expected"], "detail": c["detail"], **_scene_columns(v),
                          "motion": v["motion"], "text": None, "width": config.video_size,
                          "height": config.video_size, "duration": float(v["seconds"]),

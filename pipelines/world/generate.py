@@ -31,6 +31,7 @@ from PIL import Image
 
 from pipelines.world.config import (HDVILA_BAD, LAION_BAD, POSITIONS, SPAN_DEFECTS, TOXIC_SAMPLE, WEBVID_BAD,
                                     WorldConfig, bad_count)
+from pipelines.world.defects import apply_video_defect, plan_image_defects, plan_video_defects
 from pipelines.world.formats import (write_ground_truth, write_hdvila, write_laion, write_webvid,
                                      write_world_json)
 from pipelines.world.shapes import HALF_EXTENT, render
@@ -220,6 +221,20 @@ def plan_videos(rng: np.random.Generator, config: WorldConfig, n: int, bad: tupl
     return videos
 
 
+def _cut_scene(rng: np.random.Generator, config: WorldConfig, background: str) -> dict:
+    """The scene a cut switches to: a new shape and motion on a background other than `background`."""
+    scene = _scene(rng, config)
+    while scene["background"] == background:
+        scene = _scene(rng, config)
+    scene["motion"] = _pick(rng, config.motions)
+    small, large = min(config.sizes.values()), max(config.sizes.values()) * config.grow_to
+    if scene["motion"] == "grow":
+        scene["size"] = min(config.sizes, key=config.sizes.get)
+    scene["params"] = sample_motion(rng, scene["motion"], scene["shape"], config.sizes[scene["size"]], large,
+                                    small, config.travel)
+    return scene
+
+
 def _fmt_span(seconds: float) -> str:
     ms = int(round(seconds * 1000))
     return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
@@ -260,7 +275,8 @@ def _write_image(root: Path, config: WorldConfig, row: dict) -> None:
     rgb = config.colours[row["colour"]], config.backgrounds[row["background"]]
     pixels = render(side, rgb[1], row["shape"], rgb[0], row["cx"] * side, row["cy"] * side, row["r"] * side)
     buf = BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=config.jpeg_quality)
+    quality = config.jpeg_quality - 15 * (row.get("defect") is not None)  # a duplicate is a re-encode
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=max(1, quality))
     data = buf.getvalue()
     if row["expected"] == "corrupt":
         data = data[: data.index(b"\xff\xda")]  # headers only: the scan never starts
@@ -278,7 +294,8 @@ def _write_video(root: Path, config: WorldConfig, video: dict) -> None:
     track = trajectory(video["motion"], video["params"], n_frames, config.video_fps)
     frames = render_video(config.video_size, config.backgrounds[video["background"]], video["shape"],
                           config.colours[video["colour"]], video["motion"], track)
-    encode_mp4(frames, target, config.video_fps, config.keyframe_interval, config.crf)
+    frames, track, crf = apply_video_defect(config, video, frames, track)
+    encode_mp4(frames, target, config.video_fps, config.keyframe_interval, crf)
     if video["expected"] == "corrupt":
         data = target.read_bytes()
         target.write_bytes(data[: len(data) // 2])  # ffmpeg writes moov last: cut before it
@@ -287,6 +304,8 @@ def _write_video(root: Path, config: WorldConfig, video: dict) -> None:
              "motion": video["motion"], "params": video["params"], "fps": config.video_fps,
              "n_frames": n_frames, "size_px": config.video_size,
              "frames": {k: [round(float(x), 5) for x in v] for k, v in track.items()}}
+    if video.get("defect"):
+        truth["defect"] = video["defect"]
     (root / "truth" / f"{video['sample_id']}.json").write_text(json.dumps(truth, sort_keys=True) + "\n")
 
 
@@ -318,6 +337,10 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     hd_rng = np.random.default_rng([config.seed, 2])
     hdvila = plan_videos(hd_rng, config, config.n_hdvila_videos, HDVILA_BAD, 0, lambda i: f"hdv{i:05d}")
     _add_clips(hd_rng, config, hdvila)
+    if config.has_defects:  # a stream of their own: a world without defects draws exactly as before
+        defect_rng = np.random.default_rng([config.seed, 3])
+        plan_image_defects(defect_rng, config, images)
+        plan_video_defects(defect_rng, config, webvid, lambda rng, bg: _cut_scene(rng, config, bg))
 
     # Threads suffice: ffmpeg encodes in its own processes and numpy drawing releases the GIL.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
