@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.config import LOOPBACK_HOST_RATE
 from pipelines.safety import UrlPolicy
 from pipelines.world import WorldConfig, world_preset
 
 # The world's server is on the loopback, which the egress policy refuses unless allow-listed.
-LOOPBACK_POLICY = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0)
+# The limiter stays on; its per-host rate is raised as the toy world is one loopback host standing in for many.
+LOOPBACK_POLICY = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0,
+                            host_rate=LOOPBACK_HOST_RATE)
 
 
 def image_world(n_images: int) -> WorldConfig:

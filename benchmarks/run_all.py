@@ -28,6 +28,9 @@ BENCHES = {  # name -> (script, what the ratio compares)
              "kept over one table"),
     "loader": ("bench_loader.py", "input path per stage: loader samples/s (2 DataLoader workers) over training-step "
                "samples/s (toy preset, CPU), and loader workers a paper-run GPU needs"),
+    "scale": ("bench_scale.py", "the image flow's driver at 10M synthetic LAION rows over 1M: peak RSS and rows/s"),
+    "curation": ("bench_curation.py", "precision and recall of the video curation scorers against the toy world's "
+                 "planted defects"),
 }
 
 
@@ -76,6 +79,14 @@ def _rows(name: str, data: dict) -> list[str]:
                 f"shuffle buffer {data['shuffle_buffer']}) | {data['speedup']:.2f}x |"]
     if name == "loader":
         return _loader_rows(data)
+    if name == "scale":
+        rows = [f"| {int(n):,} | {m['seconds']:.1f} | {m['rows_per_s']:,.0f} | {m['driver_peak_rss_mb']:.0f} | "
+                f"{m['driver_growth_mb']:.0f} |" for n, m in data.get("median", {}).items()]
+        return rows + [f"| ratio 10M/1M | | **{data['rows_per_s_ratio']:.2f}x** (goal >= 0.9) | "
+                       f"**{data['driver_rss_ratio']:.2f}x** (goal <= 1.3) | {data['driver_growth_ratio']:.2f}x |"]
+    if name == "curation":
+        return [f"| {stage} | {s['precision']:.3f} | {s['recall']:.3f} | {s['tp'] + s['fn']} | {s['clips_per_s']} |"
+                for stage, s in data.get("stages", {}).items()]
     return [f"| {k} | {json.dumps(v)[:120]} |" for k, v in data.items() if not isinstance(v, (list, dict))]
 
 
@@ -100,6 +111,8 @@ HEADERS = {
     "decode": "| target fps | decord frames/s | PyAV frames/s | decord/PyAV |\n|---|---:|---:|---:|",
     "loader": "| stage | step samples/s | loader inline samples/s | loader 2 workers samples/s | loader/step |"
               "\n|---|---:|---:|---:|---:|",
+    "scale": "| rows | s | rows/s | driver peak RSS MB | growth over imports MB |\n|---:|---:|---:|---:|---:|",
+    "curation": "| stage | precision | recall | positives | clips/s (one core) |\n|---|---:|---:|---:|---:|",
 }
 
 

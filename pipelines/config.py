@@ -37,6 +37,20 @@ class ImageDataConfig(ConfigBase):
     retries: int = Field(1, ge=0, description="img2dataset retries per URL")
     distributor: Literal["auto", "multiprocessing", "ray"] = Field(
         "auto", description="auto: ray when RAY_ADDRESS is set, else multiprocessing")
+    # Metadata columns by name, as img2dataset's url_col/caption_col (LAION's names by default;
+    # a name that is absent matches a column spelled with other case, e.g. `url`).
+    url_col: str = Field("URL", min_length=1, description="the column holding each row's image URL")
+    caption_col: str = Field("TEXT", min_length=1, description="the column holding each row's caption")
+    punsafe_col: str = Field("punsafe", min_length=1, description="NSFW probability (missing: all null)")
+    pwatermark_col: str = Field("pwatermark", min_length=1, description="watermark probability")
+    width_col: str = Field("WIDTH", min_length=1)
+    height_col: str = Field("HEIGHT", min_length=1)
+    similarity_col: str = Field("similarity", min_length=1, description="CLIP text-image similarity")
+    batch_rows: int = Field(65536, ge=1, description="metadata rows read, filtered and decided at a time")
+    resolve_workers: int = Field(32, ge=1, description="host names resolved concurrently")
+    host_cache: int = Field(65536, ge=1, description="host answers and URL-origin decisions kept per run")
+    deferred_rounds: int = Field(3, ge=0, description="later rounds for rows a host deferred (rate_limited)")
+    deferred_wait_s: float = Field(2.0, ge=0, description="pause before each such round")
 
 
 class VideoDataConfig(ConfigBase):
@@ -70,9 +84,14 @@ class PipelineConfig(ConfigBase):
     train: TrainConfig
 
 
+LOOPBACK_HOST_RATE = 5000.0  # requests/s to the one loopback host of the toy world, through one gate
+
+
 def _loopback_only() -> UrlPolicy:
-    # The toy world is served on 127.0.0.1; nothing else may be reached from tests or the demo.
-    return UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0, max_bytes=20 * 2**20)
+    # The toy world is served on 127.0.0.1; nothing else may be reached from tests or the demo. It stands in for
+    # the many hosts of real metadata, so one host's politeness limit is not the web's (tests/test_gates.py has it).
+    return UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=4.0, max_bytes=20 * 2**20,
+                     host_rate=LOOPBACK_HOST_RATE, host_concurrency=64)
 
 
 def preset_config(name: str) -> PipelineConfig:

@@ -7,9 +7,18 @@ never follows redirects (a 3xx goes back to the client, whose next request is ju
 cuts bodies at `max_bytes` and requests at `timeout_s`. A cut response ends without its last bytes
 (short Content-Length or no final chunk), so the client sees an error, never a silently short file.
 
+Each allowed request also takes its host's turn (`pipelines.hosts`: per-host concurrency, rate and
+the pause a 429 or a 503 with Retry-After asks for). A request that cannot have a turn in time is
+answered at once with 429 "Rate limited by egress gate" and no upstream request; an upstream 429 (or
+503 with Retry-After) pauses the host and reaches the client as that same 429, so downloaders record
+one reason, `rate_limited`, for every deferred row. Over https (CONNECT) the gate holds the turns but
+cannot read the status inside the tunnel: a 429 there reaches the downloader as it is.
+
+`counters` (`pipelines.egress_record`) keeps counts and small samples, never a list per request.
+
     with EgressProxy(UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"])) as proxy:
         subprocess.run([...], env={**os.environ, **proxy.env()})
-        proxy.refusals  # [(url, reason), ...]
+        proxy.refusals  # the last few (url, reason); proxy.counters.snapshot() for the counts
 """
 from __future__ import annotations
 
@@ -23,9 +32,11 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
+from pipelines.egress_record import EgressCounters
+from pipelines.hosts import Deferral, HostLimiter, retry_after_s
 from pipelines.safety import Resolver, UrlDecision, UrlPolicy, check_url, system_resolve
 
 log = logging.getLogger(__name__)
@@ -40,19 +51,19 @@ class Cutoff(Exception):
 
 
 class EgressProxy:
-    """Context manager running the proxy in a background thread. Records, each a list appended to
-    from the proxy's threads: `refusals` (url, reason) judged out before any connection,
-    `cutoffs` (url, reason) stopped at max_bytes or timeout_s, `forwarded` urls judged allowed.
-    `resolve` turns a host name into addresses (tests inject a fake: no DNS query leaves)."""
+    """Context manager running the proxy in a background thread. Samples of the last requests (see
+    `counters` for the counts): `refusals` (url, reason) judged out before any connection,
+    `cutoffs` (url, reason) stopped at max_bytes or timeout_s, `forwarded` urls sent upstream.
+    `resolve` turns a host name into addresses (tests inject a fake: no DNS query leaves).
+    `on_flush`, when set, answers a GET of /_gate/flush sent to the gate itself (its record is written)."""
 
     def __init__(self, policy: UrlPolicy, resolve: Resolver = system_resolve, host: str = "127.0.0.1") -> None:
         self.policy = policy
         self.resolve = resolve
-        self.refusals: list[tuple[str, str]] = []
-        self.cutoffs: list[tuple[str, str]] = []
-        self.forwarded: list[str] = []
+        self.counters = EgressCounters()
+        self.limiter = HostLimiter(policy.host_concurrency, policy.host_rate)
+        self.on_flush: Callable[[], None] | None = None
         self._host = host
-        self._lock = threading.Lock()
         self._server: HangupTolerantServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -85,19 +96,45 @@ class EgressProxy:
         return {"http_proxy": url, "https_proxy": url, "HTTP_PROXY": url, "HTTPS_PROXY": url,
                 "no_proxy": "", "NO_PROXY": ""}
 
+    @property
+    def refusals(self) -> list[tuple[str, str]]:
+        return list(self.counters.samples["refused"])
+
+    @property
+    def cutoffs(self) -> list[tuple[str, str]]:
+        return list(self.counters.samples["cut"])
+
+    @property
+    def forwarded(self) -> list[str]:
+        return list(self.counters.forwarded_sample)
+
     def record(self, kind: str, url: str, reason: str) -> None:
+        """One refused, cut or deferred request."""
         log.info("egress %s %s: %s", kind, url, reason)
-        with self._lock:
-            {"refused": self.refusals, "cut": self.cutoffs}[kind].append((url, reason))
+        self.counters.note(kind, url, reason)
 
     def judge(self, url: str) -> UrlDecision:
         decision = check_url(url, self.policy, self.resolve)
-        if decision.allowed:
-            with self._lock:
-                self.forwarded.append(url)
-        else:
+        if not decision.allowed:
             self.record("refused", url, decision.reason)
         return decision
+
+    def take_turn(self, url: str, decision: UrlDecision) -> Deferral | None:
+        """The host's turn for an allowed request (None: go now), or why it is deferred."""
+        policy = self.policy
+        deferral = self.limiter.acquire(decision.host, min(policy.host_queue_s, policy.timeout_s / 2))
+        if deferral is not None:
+            self.record("deferred", url, deferral.reason)
+        else:
+            self.counters.allowed(url, urlsplit(url).netloc.rpartition("@")[2])  # hosts reached, as host:port
+        return deferral
+
+    def pause_host(self, url: str, decision: UrlDecision, status: int, retry_after: str | None) -> float:
+        """An upstream 429/503 asked the host's clients to wait: pause it here; the seconds paused."""
+        seconds = retry_after_s(retry_after, self.policy.backoff_s, self.policy.max_backoff_s)
+        self.limiter.pause(decision.host, seconds)
+        self.record("deferred", url, f"upstream {status}")
+        return seconds
 
 
 def _connect(decision: UrlDecision, deadline: float) -> socket.socket:
@@ -131,7 +168,9 @@ class HangupTolerantServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-_PHRASES = {403: "Refused by egress proxy", 502: "Bad Gateway (egress proxy)", 504: "Gateway Timeout (egress proxy)"}
+_PHRASES = {403: "Refused by egress proxy", 429: "Rate limited by egress gate", 502: "Bad Gateway (egress proxy)",
+            504: "Gateway Timeout (egress proxy)"}
+FLUSH_PATH = "/_gate/flush"  # origin-form GET to the gate itself: write its record now
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -145,11 +184,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
         log.debug("proxy: " + format, *args)
 
-    def _reply(self, code: int, message: str) -> None:
+    def _reply(self, code: int, message: str, retry_after: float | None = None) -> None:
         body = (message + "\n").encode()
         # The status line's phrase names the proxy, so a client's error message ("HTTP Error 403:
         # Refused by egress proxy") says who refused, not just "Forbidden".
         self.send_response(code, _PHRASES.get(code))
+        if retry_after is not None:
+            self.send_header("Retry-After", str(max(1, round(retry_after))))
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
@@ -165,6 +206,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = _refuse_method
 
     def do_GET(self) -> None:
+        if self.path == FLUSH_PATH and self.egress.on_flush is not None:
+            self.egress.on_flush()
+            self._reply(200, "egress gate: record written")
+            return
         self._forward()
 
     def do_HEAD(self) -> None:
@@ -179,6 +224,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if not decision.allowed:
             self._reply(403, f"egress proxy refused: {decision.reason}")
             return
+        deferral = self.egress.take_turn(url, decision)
+        if deferral is not None:
+            self._reply(429, f"egress gate deferred: {deferral.reason}", deferral.retry_after_s)
+            return
+        self.egress.counters.add(active=1)
+        try:
+            self._forward_allowed(url, decision)
+        finally:
+            self.egress.limiter.release(decision.host)
+            self.egress.counters.add(active=-1)
+        self.close_connection = True
+
+    def _forward_allowed(self, url: str, decision: UrlDecision) -> None:
         deadline = time.monotonic() + self.egress.policy.timeout_s
         headers_sent = False
         try:
@@ -186,6 +244,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             response: http.client.HTTPResponse | None = None
             try:
                 response = self._send_upstream(upstream, url, deadline)
+                if response.status == 429 or (response.status == 503 and response.getheader("Retry-After")):
+                    paused = self.egress.pause_host(url, decision, response.status, response.getheader("Retry-After"))
+                    self._reply(429, f"egress gate deferred: upstream {response.status}", paused)
+                    return
                 self._check_declared_length(response)
                 headers_sent = True
                 self._relay(response, upstream, deadline)
@@ -204,7 +266,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         except (OSError, ValueError, http.client.HTTPException) as err:  # ValueError: http.client's InvalidURL
             if not headers_sent:
                 self._reply(502, f"egress proxy: upstream failed: {err}")
-        self.close_connection = True
 
     def _send_upstream(self, upstream: socket.socket, url: str, deadline: float) -> http.client.HTTPResponse:
         """Send the client's request to the judged address; return the response with its headers read."""
@@ -254,9 +315,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 break
             if sent + len(data) > limit:
                 self._write(data[: limit - sent], chunked)
+                self.egress.counters.add(nbytes=limit - sent)
                 raise Cutoff(f"body exceeds max_bytes {limit}")
             self._write(data, chunked)
             sent += len(data)
+            self.egress.counters.add(nbytes=len(data))
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
@@ -273,6 +336,18 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if not decision.allowed:
             self._reply(403, f"egress proxy refused: {decision.reason}")
             return
+        deferral = self.egress.take_turn(url, decision)  # one turn per tunnel
+        if deferral is not None:
+            self._reply(429, f"egress gate deferred: {deferral.reason}", deferral.retry_after_s)
+            return
+        self.egress.counters.add(active=1)
+        try:
+            self._open_tunnel(url, decision)
+        finally:
+            self.egress.limiter.release(decision.host)
+            self.egress.counters.add(active=-1)
+
+    def _open_tunnel(self, url: str, decision: UrlDecision) -> None:
         deadline = time.monotonic() + self.egress.policy.timeout_s
         try:
             upstream = _connect(decision, deadline)
@@ -301,6 +376,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     return
                 if source is upstream:
                     received += len(data)
+                    self.egress.counters.add(nbytes=len(data))
                     if received > limit:
                         raise Cutoff(f"tunnel exceeds max_bytes {limit}")
                 (upstream if source is client else client).sendall(data)

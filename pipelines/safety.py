@@ -14,6 +14,7 @@ are allowed only when `allow_public` is set.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import socket
 from collections.abc import Callable, Sequence
@@ -44,6 +45,14 @@ class UrlPolicy(ConfigBase):
     allow_networks: list[str] = Field(default_factory=list, description="CIDRs allowed even if non-public")
     max_bytes: int = Field(50 * 1024 * 1024, ge=1, description="largest response body passed on")
     timeout_s: float = Field(30.0, gt=0, description="total time for one request, connect to last byte")
+    # Politeness, per host and per gate (a run has a gate per downloader process: a host sees at most
+    # these figures times the number of gates fetching from it; see pipelines/hosts.py).
+    host_concurrency: int = Field(16, ge=1, description="requests in flight to one host through one gate")
+    host_rate: float = Field(50.0, gt=0, description="requests per second to one host through one gate")
+    host_queue_s: float = Field(5.0, ge=0, description="longest wait for a host's turn (at most timeout_s/2), "
+                                "then the request is deferred: rate_limited")
+    backoff_s: float = Field(30.0, ge=0, description="a host's pause after a 429 without Retry-After")
+    max_backoff_s: float = Field(600.0, ge=0, description="longest pause a host's Retry-After can ask for")
 
     @field_validator("allow_networks")
     @classmethod
@@ -79,6 +88,22 @@ def system_resolve(host: str) -> list[str]:
     """The host's addresses from the system resolver (a real DNS query: never used in tests)."""
     infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class HostsFile:
+    """A resolver answering from a JSON file {host: [addresses]}, read on every call like /etc/hosts, so
+    an edit is seen at once (tests, air-gapped runs: no DNS query leaves). Unlisted hosts do not resolve.
+    A plain picklable object: it can travel to the processes that run the egress gates."""
+
+    path: str
+
+    def __call__(self, host: str) -> list[str]:
+        with open(self.path, encoding="utf-8") as fh:
+            hosts = json.load(fh)
+        if host not in hosts:
+            raise OSError(f"{host} is not in {self.path}")
+        return list(hosts[host])
 
 
 def parse_legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:

@@ -22,10 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipelines.config import ImageDataConfig
+from pipelines.config import LOOPBACK_HOST_RATE, ImageDataConfig
 from pipelines.flows.images import build_image_dataset
+from pipelines.images.decide import HostCache, decide_urls
+from pipelines.images.plan import MetadataError
 from pipelines.manifest import ManifestError
-from pipelines.safety import UrlPolicy
+from pipelines.safety import HostsFile, UrlPolicy, check_url
 
 # What each ground-truth category must become: (status, reason).
 EXPECTED = {
@@ -33,7 +35,8 @@ EXPECTED = {
     "toxic": ("filtered", "toxic"), "too_small": ("filtered", "too_small"), "http_404": ("failed", "http_404"),
     "corrupt": ("failed", "corrupt"), "slow": ("failed", "timeout"),
 }
-POLICY = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20)
+POLICY = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20,
+                   host_rate=LOOPBACK_HOST_RATE)
 IMAGES = ImageDataConfig(image_size=32, samples_per_shard=16, processes=1, threads=4, retries=0)
 
 
@@ -101,7 +104,9 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(world, built, tmp_path
         build_image_dataset([str(root / "laion.parquet")], str(out), cfg.model_copy(update={"image_size": 16}), POLICY)
 
 
-class _Canary(http.server.BaseHTTPRequestHandler):
+class Canary(http.server.BaseHTTPRequestHandler):
+    """A server on 127.0.0.2 (loopback, but outside the policy's 127.0.0.1/32) that must hear nothing."""
+
     hits: list[str] = []
 
     def do_GET(self):  # noqa: N802 - stdlib name
@@ -115,7 +120,7 @@ class _Canary(http.server.BaseHTTPRequestHandler):
 
 def test_refused_addresses_never_receive_a_packet(world, tmp_path):
     root, server = world
-    canary = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Canary)
+    canary = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Canary)
     threading.Thread(target=canary.serve_forever, daemon=True).start()
     try:
         target = f"http://127.0.0.2:{canary.server_address[1]}/img.jpg"
@@ -129,8 +134,10 @@ def test_refused_addresses_never_receive_a_packet(world, tmp_path):
         manifest = build_image_dataset([str(meta)], str(tmp_path / "out"), IMAGES, POLICY)
         outcomes = _outcomes(tmp_path / "out")
         assert [outcomes[i] for i in range(len(urls))] == [("failed", "refused")] * 6 + [("written", None)]
-        assert _Canary.hits == []
-        assert any("127.0.0.2" in url for url, _ in manifest["egress"]["refused"])  # refused at the redirect
+        assert Canary.hits == []
+        refused = manifest["egress"]["refused"]  # by the gate: only the redirect's hop reached it
+        assert refused["count"] == 1 and refused["by_reason"] == {"loopback address": 1}
+        assert [url for url, _ in refused["sample"]] == [target]
     finally:
         canary.shutdown()
         canary.server_close()
@@ -215,13 +222,28 @@ def test_retry_failed_fetches_only_the_failed_rows_again(world, tmp_path):
         server.server_close()
 
 
+def kill_after_first_shard(args: list[str], out: Path) -> None:
+    """Run `python -c *args` in its own process group and SIGKILL the group once a shard of `out` is done."""
+    proc = subprocess.Popen([sys.executable, "-c", *args], start_new_session=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + 240
+    while not list((out / "shards").glob("*_stats.json")):
+        assert proc.poll() is None, "the flow ended before it could be killed"
+        assert time.monotonic() < deadline, "no shard finished in time"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+
 KILL_DRIVER = """
 import sys
-from pipelines.config import ImageDataConfig
+from pipelines.config import LOOPBACK_HOST_RATE, ImageDataConfig
 from pipelines.flows.images import build_image_dataset
 from pipelines.safety import UrlPolicy
 
-policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20)
+policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20,
+                   host_rate=LOOPBACK_HOST_RATE)
 cfg = ImageDataConfig(image_size=32, samples_per_shard=8, processes=1, threads=2, retries=0)
 build_image_dataset([sys.argv[1]], sys.argv[2], cfg, policy)
 """
@@ -232,16 +254,7 @@ def test_a_real_kill_mid_flow_then_resume_matches_an_uninterrupted_run(world, tm
     ends exactly where an uninterrupted run ends (same outcomes, same samples, no duplicates)."""
     root, _ = world
     meta, out = str(root / "laion.parquet"), tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, meta, str(out)], start_new_session=True,
-                            cwd=Path(__file__).resolve().parent.parent)
-    deadline = time.monotonic() + 240
-    while not list((out / "shards").glob("*_stats.json")):
-        assert proc.poll() is None, "the flow ended before it could be killed"
-        assert time.monotonic() < deadline, "no shard finished in time"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()
+    kill_after_first_shard([KILL_DRIVER, meta, str(out)], out)
     cfg = IMAGES.model_copy(update={"samples_per_shard": 8, "threads": 2})
     resumed = build_image_dataset([meta], str(out), cfg, POLICY)
     clean = build_image_dataset([meta], str(tmp_path / "clean"), cfg, POLICY)
@@ -249,3 +262,176 @@ def test_a_real_kill_mid_flow_then_resume_matches_an_uninterrupted_run(world, tm
     assert _outcomes(out) == _outcomes(tmp_path / "clean")
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == clean["counts"]["written"]
+
+
+DNS_DRIVER = """
+import sys
+from pipelines.config import LOOPBACK_HOST_RATE, ImageDataConfig
+from pipelines.flows.images import build_image_dataset
+from pipelines.safety import HostsFile, UrlPolicy
+
+policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20,
+                   host_rate=LOOPBACK_HOST_RATE)
+cfg = ImageDataConfig(image_size=32, samples_per_shard=4, processes=1, threads=2, retries=0, batch_rows=16)
+build_image_dataset([sys.argv[1]], sys.argv[2], cfg, policy, resolve=HostsFile(sys.argv[3]))
+"""
+
+
+def _plan_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "_work").glob("plan*/**/*.parquet"))}
+
+
+@pytest.mark.slow
+def test_dns_changes_between_a_kill_and_the_resume_move_no_row(world, tmp_path):
+    """Rows on named hosts (answered by a hosts file, never DNS). SIGKILL after a shard is done, then
+    change the answers: a host that was allowed now points at a private address, a refused one at
+    loopback. The resume keeps the saved plan (no host is asked again for a decision), and every row
+    still ends in exactly one outcome: none lost, none duplicated, shard samples matching counts."""
+    root, server = world
+    port = server.url.rsplit(":", 1)[1]
+    table = pq.read_table(root / "laion.parquet")
+    urls = [u.replace(f"127.0.0.1:{port}", f"h{i % 4}.test:{port}") for i, u in enumerate(table["URL"].to_pylist())]
+    meta, out, hosts = tmp_path / "named.parquet", tmp_path / "out", tmp_path / "hosts.json"
+    pq.write_table(table.set_column(table.schema.get_field_index("URL"), "URL", pa.array(urls)), meta)
+    hosts.write_text(json.dumps({"h0.test": ["127.0.0.1"], "h1.test": ["127.0.0.1"], "h2.test": ["127.0.0.1"],
+                                 "h3.test": ["10.0.0.1"]}))
+    kill_after_first_shard([DNS_DRIVER, str(meta), str(out), str(hosts)], out)
+    plan = _plan_files(out)
+    assert any("to_download" in name for name in plan) and any("refused" in name for name in plan)
+    hosts.write_text(json.dumps({"h0.test": ["127.0.0.1"], "h1.test": ["10.0.0.7"], "h2.test": ["127.0.0.1"],
+                                 "h3.test": ["127.0.0.1"]}))
+    asked: list[str] = []
+
+    def resolve(host: str) -> list[str]:
+        asked.append(host)
+        return HostsFile(str(hosts))(host)
+
+    cfg = IMAGES.model_copy(update={"samples_per_shard": 4, "threads": 2, "batch_rows": 16})
+    manifest = build_image_dataset([str(meta)], str(out), cfg, POLICY, resolve=resolve)
+    assert _plan_files(out) == plan  # the plan was not written again
+    assert "h3.test" not in asked  # deciding again would have asked for it; only the gate asked for hosts
+    outcomes = pq.read_table(out / "outcomes.parquet")
+    assert sorted(outcomes["row_id"].to_pylist()) == list(range(len(urls)))  # none lost, none twice
+    got = _outcomes(out)
+    truth = pq.read_table(root / "ground_truth.parquet").to_pandas().query("source == 'laion'")
+    for row in truth.itertuples():
+        expected = EXPECTED[row.expected]
+        if row.row % 4 == 3 and expected[0] != "filtered":  # refused by the plan, whatever DNS says now
+            assert got[row.row] == ("failed", "refused"), row
+        elif row.row % 4 == 1 and expected[0] != "filtered":  # fetched before the kill, or refused by the gate
+            assert got[row.row] in (expected, ("failed", "refused")), row
+        else:
+            assert got[row.row] == expected, row
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == manifest["counts"]["written"] == sum(s["samples"] for s in manifest["shards"])
+    assert manifest["rows"] == len(urls) and sum(manifest["counts"].values()) == len(urls)
+    # The change bit: rows of the host now pointing at 10.0.0.7 that were still to fetch were refused by the gate.
+    assert any(got[r.row] == ("failed", "refused") and EXPECTED[r.expected] == ("written", None)
+               for r in truth.itertuples() if r.row % 4 == 1)
+
+
+def test_hosts_are_resolved_once_each_concurrently_in_a_bounded_cache():
+    calls: list[str] = []
+    gate = threading.Barrier(4, timeout=5)
+
+    def resolve(host: str) -> list[str]:
+        calls.append(host)
+        if host.startswith("w"):
+            gate.wait()  # four lookups must be in flight at once to pass
+        if host == "gone.test":
+            raise OSError("no such host")
+        return ["127.0.0.1"] if host.startswith(("w", "a")) else ["10.0.0.1"]
+
+    cache = HostCache(resolve, maxsize=3, workers=8)
+    urls = [f"http://w{i}.test/x.jpg" for i in range(4)] * 3 + ["http://gone.test/a", "http://127.0.0.1/b"]
+    reasons = decide_urls(urls, POLICY, cache=cache)
+    assert reasons[:12] == [None] * 12 and "cannot resolve" in reasons[12] and reasons[13] is None
+    assert sorted(calls) == sorted({f"w{i}.test" for i in range(4)} | {"gone.test"})  # once per name, no IP literal
+    assert len(cache.answers) == 3  # bounded: the oldest answers left
+    assert decide_urls(["http://p.test/x"], POLICY, cache=cache)[0].startswith("private")
+
+
+ODD_URLS = [
+    "http://10.0.0.1/a.jpg", "http://[::ffff:7f00:1]/", "http://2130706433:8000/x", "http://0x7f.2/", "http://127.1/",
+    "http://1.2.3.4.5/", "ftp://example.com/a.jpg", "file:///etc/passwd", "//example.com/a.jpg", "http:///a.jpg",
+    "http://exa mple.com/", "http://a.com\\@127.0.0.1/", "http://example.com:99999/", "http://ex%41mple.com/",
+    "HTTP://127.0.0.1:80/a", "http://127.0.0.1:80/a\tb", "http://127.0.0.1/\u3000x", "http://user@127.0.0.1/a?q#f",
+    "http://bücher.test/a", "http://w0.test/a", "http://W0.TEST/b", "http://gone.test/", "mailto:a@b", "", "http:",
+    "http://127.0.0.1:8123/a.jpg", "http://127.0.0.2:8123/a.jpg", "http://[fe80::1%25eth0]/", "http://a.test:0x50/",
+]
+
+
+def test_batched_decisions_equal_check_url_on_every_odd_url():
+    """Decisions grouped by scheme://authority must be exactly what check_url says URL by URL."""
+    hosts = {"w0.test": ["127.0.0.1"], "xn--bcher-kva.test": ["10.1.1.1"]}
+
+    def resolve(host: str) -> list[str]:
+        if host not in hosts:
+            raise OSError(f"unknown host {host}")
+        return hosts[host]
+
+    expected = [None if d.allowed else d.reason for d in (check_url(u, POLICY, resolve) for u in ODD_URLS)]
+    assert decide_urls(ODD_URLS * 2, POLICY, resolve) == expected * 2
+    # A run's cache far smaller than a batch's distinct hosts: what it lets go is decided again, never allowed.
+    cache = HostCache(resolve, maxsize=2)
+    for _ in range(3):
+        assert decide_urls(ODD_URLS, POLICY, cache=cache) == expected
+    assert None in expected and expected.count(None) < len(expected)  # both kinds are in the list
+
+
+def test_metadata_with_other_column_names_is_mapped_and_bad_files_are_one_line(tmp_path, capsys):
+    """LAION-style parquet with lowercase url/caption (and other score names) reads through the mapping;
+    every row ends in one outcome (all refused or filtered here: nothing is fetched)."""
+    meta = tmp_path / "coyo.parquet"
+    pq.write_table(pa.table({"url": ["http://10.0.0.1/a.jpg", "http://10.0.0.2/b.jpg", "http://10.0.0.3/c.jpg"],
+                             "caption": ["a red circle", None, "a blue square"], "nsfw_score": [0.1, 0.1, 0.9]}), meta)
+    cfg = IMAGES.model_copy(update={"url_col": "url", "caption_col": "caption", "punsafe_col": "nsfw_score"})
+    manifest = build_image_dataset([str(meta)], str(tmp_path / "out"), cfg, POLICY)
+    assert _outcomes(tmp_path / "out") == {0: ("failed", "refused"), 1: ("filtered", "no_text"),
+                                           2: ("filtered", "nsfw")}
+    assert manifest["rows"] == 3 and manifest["shards"] == []
+    # The same file under LAION's names (URL, TEXT): lowercase `url` matches, `caption` does not.
+    with pytest.raises(MetadataError, match=r"coyo\.parquet: no column 'TEXT'"):
+        build_image_dataset([str(meta)], str(tmp_path / "other"), IMAGES, POLICY)
+    from pipelines.cli import main
+
+    broken, texty = tmp_path / "broken.parquet", tmp_path / "texty.parquet"
+    broken.write_bytes(b"url,caption\nhttp://x/a.jpg,a\n")
+    pq.write_table(pa.table({"URL": ["http://10.0.0.1/a"], "TEXT": ["a"], "punsafe": ["high"]}), texty)
+    cases = {str(broken): "cannot read it as parquet", str(tmp_path / "missing.parquet"): "no such file",
+             str(texty): "column 'punsafe' (punsafe) holds string, not numbers", str(meta): "no column 'TEXT'"}
+    for path, message in cases.items():
+        assert main(["data", "images", path, "--out", str(tmp_path / "cli"), "--url-col", "url"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and path in err and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_rows_a_host_defers_are_fetched_in_later_rounds_and_never_dropped(tmp_path):
+    """A host that answers 429 (Retry-After: 1) past 4 requests a second: the rows it defers are
+    fetched again in a later round, after the pause; a row still deferred after the last round ends
+    `rate_limited`. Every row ends once, nothing is lost or written twice."""
+    from test_gates import Origin  # the loopback origin of the gate tests
+
+    origin = Origin(allow=4)
+    try:
+        rows = 12
+        meta, out = tmp_path / "meta.parquet", tmp_path / "out"
+        pq.write_table(pa.table({"URL": [origin.url(f"/img/{i}.jpg") for i in range(rows)],
+                                 "TEXT": ["a red square"] * rows, "WIDTH": [64] * rows, "HEIGHT": [64] * rows}), meta)
+        cfg = IMAGES.model_copy(update={"threads": 4, "deferred_rounds": 1, "deferred_wait_s": 1.1})
+        manifest = build_image_dataset([str(meta)], str(out), cfg, POLICY.model_copy(update={"host_rate": 10.0}))
+    finally:
+        origin.close()
+    outcomes = _outcomes(out)
+    assert sorted(outcomes) == list(range(rows)) and manifest["rows"] == rows
+    assert set(outcomes.values()) <= {("written", None), ("failed", "rate_limited")}
+    assert manifest["egress"]["deferred_rounds"] == 1 and any(status == 429 for _, _, status in origin.log)
+    first, later = (pq.read_table(out / "shards" / f"{n}.parquet").to_pylist() for n in ("00000", "00001"))
+    deferred = {r["row_id"] for r in first if r["status"] != "success"}
+    assert deferred and {r["row_id"] for r in later} == deferred  # each deferred row was fetched again
+    assert any(r["status"] == "success" for r in later)
+    still = {i for i, o in outcomes.items() if o == ("failed", "rate_limited")}
+    assert still == {r["row_id"] for r in later if r["status"] != "success"}
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == manifest["counts"]["written"] == rows - len(still)

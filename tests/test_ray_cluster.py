@@ -8,6 +8,7 @@ RAY_ADDRESS set: `run_on_cluster(code, env)`.
 """
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import secrets
@@ -18,15 +19,18 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from _procs import kill_session, session_pids
+from test_image_flow import Canary
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +165,7 @@ IMAGE_DRIVER = """
     policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20)
     # Eight rows a shard: several shards, so both one-CPU nodes get download tasks.
     cfg = ImageDataConfig(image_size=32, samples_per_shard=8, processes=1, threads=4, retries=0, distributor="auto")
-    manifest = build_image_dataset([world + "/laion.parquet"], out, cfg, policy)
+    manifest = build_image_dataset([world + "/laion.parquet", os.environ["CANARY_ROWS"]], out, cfg, policy)
     assert ray.is_initialized(), "the flow did not use Ray"
     # Task events reach the state API a little after the tasks end.
     deadline = time.monotonic() + 60
@@ -173,7 +177,8 @@ IMAGE_DRIVER = """
         time.sleep(1)
     result = {"manifest": manifest, "gcs": ray.get_runtime_context().gcs_address,
               "nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
-              "task_nodes": sorted(t.node_id for t in tasks)}
+              "task_nodes": sorted(t.node_id for t in tasks), "driver_pid": os.getpid(),
+              "task_procs": sorted([t.node_id, t.worker_pid] for t in tasks)}
     print("RESULT " + json.dumps(result))
 """
 
@@ -184,15 +189,33 @@ def world(served_world):
 
 
 @pytest.fixture(scope="module")
-def image_job(ray_cluster, world, tmp_path_factory):
-    """The image dataset built on the cluster: (its folder, the driver's report)."""
+def image_job(ray_cluster, served_world, tmp_path_factory):
+    """The image dataset built on the cluster: (its folder, the driver's report, what the servers heard:
+    the canary's hits and the number of requests the world's server answered). Two rows after the
+    world's point at the canary: directly, and through a redirect of the world's server."""
+    world, server = served_world
     out = tmp_path_factory.mktemp("cluster") / "images"
-    proc = run_on_cluster(IMAGE_DRIVER, {**ray_cluster.env, "WORLD": str(world), "OUT": str(out)})
-    return out, _result(proc)
+    canary = http.server.ThreadingHTTPServer((HOST, 0), Canary)
+    threading.Thread(target=canary.serve_forever, daemon=True).start()
+    try:
+        target = f"http://{HOST}:{canary.server_address[1]}/secret.jpg"
+        truth = pq.read_table(world / "ground_truth.parquet").to_pandas().query("source == 'laion'")
+        laion = pq.read_table(world / "laion.parquet")
+        ok = laion.take([int(truth.query("expected == 'ok'").row.iloc[0])] * 2)  # rows the filters keep
+        rows = ok.set_column(ok.schema.get_field_index("URL"), "URL",
+                             pa.array([target, f"{server.url}/redirect?to={target}"], ok.schema.field("URL").type))
+        pq.write_table(rows, out.parent / "canary.parquet")
+        before = len(server.request_log)
+        proc = run_on_cluster(IMAGE_DRIVER, {**ray_cluster.env, "WORLD": str(world), "OUT": str(out),
+                                             "CANARY_ROWS": str(out.parent / "canary.parquet")})
+    finally:
+        canary.shutdown()
+        canary.server_close()
+    return out, _result(proc), {"canary": list(Canary.hits), "world": len(server.request_log) - before}
 
 
 def test_image_flow_downloads_on_both_nodes_of_a_cluster(ray_cluster, world, image_job):
-    out, result = image_job
+    out, result, _ = image_job
     assert result["gcs"] == ray_cluster.address
     # The downloads ran as Ray tasks, one per shard, on both nodes of the cluster.
     assert len(result["nodes"]) == 2
@@ -202,12 +225,34 @@ def test_image_flow_downloads_on_both_nodes_of_a_cluster(ray_cluster, world, ima
     # Every input row ends as the world's ground truth says, and the shards hold the written rows.
     truth = pq.read_table(world / "ground_truth.parquet").to_pandas().query("source == 'laion'")
     outcomes = {r["row_id"]: (r["status"], r["reason"]) for r in pq.read_table(out / "outcomes.parquet").to_pylist()}
-    assert len(outcomes) == len(truth) == manifest["rows"]
+    assert len(outcomes) == len(truth) + 2 == manifest["rows"]
     for row in truth.itertuples():
         assert outcomes[row.row] == EXPECTED[row.expected], (row.row, row.expected, row.url)
     written = manifest["counts"]["written"]
     assert sum(s["samples"] for s in manifest["shards"]) == written == (truth.expected == "ok").sum()
-    assert manifest["egress"]["refused"] == []
+    canary_rows = [outcomes[len(truth)], outcomes[len(truth) + 1]]  # direct, then through a redirect
+    assert canary_rows == [("failed", "refused")] * 2
+
+
+def test_every_request_is_served_by_a_gate_in_the_process_that_made_it(image_job):
+    """The gates' own records (node id, pid): each gate that served or refused a request lives in a
+    worker process that ran download tasks; the driver's gate served nothing; both nodes' gates served;
+    the canary on 127.0.0.2 heard nothing, directly or through the redirect its gate refused."""
+    out, result, heard = image_job
+    records = [json.loads(p.read_text()) for p in (out / "_work" / "egress").glob("*/*.json")]
+    busy = [r for r in records if r["forwarded"] or r["refused"]["count"] or r["deferred"]["count"]]
+    task_procs = {tuple(proc) for proc in result["task_procs"]}
+    assert busy and all((r["node_id"], r["pid"]) in task_procs and r["role"] == "worker" for r in busy)
+    assert {r["node_id"] for r in busy if r["forwarded"]} == set(result["nodes"])  # both nodes' gates served
+    driver = [r for r in records if r["role"] == "driver"]
+    assert [r["pid"] for r in driver] == [result["driver_pid"]]
+    assert driver[0]["forwarded"] == driver[0]["refused"]["count"] == 0
+    assert heard["canary"] == []
+    refused = [(url, why) for r in busy for url, why in r["refused"]["sample"]]
+    assert len(refused) == 1 and HOST in refused[0][0] and "loopback address" in refused[0][1]
+    egress = result["manifest"]["egress"]
+    assert egress["refused"]["count"] == 1 and egress["refused"]["sample"] == [list(refused[0])]
+    assert sum(r["forwarded"] for r in records) == heard["world"] > 0  # each request through exactly one gate
 
 
 # --- training: a stage on the same cluster ---------------------------------------------------
@@ -233,7 +278,7 @@ TRAIN_DRIVER = """
 
 
 def test_training_stage_runs_on_the_cluster(ray_cluster, image_job, tmp_path):
-    images, _ = image_job
+    images, _, _ = image_job
     proc = run_on_cluster(TRAIN_DRIVER, {**ray_cluster.env, "IMAGES": str(images), "RUN": str(tmp_path / "run")})
     result = _result(proc)
     assert result["gcs"] == ray_cluster.address

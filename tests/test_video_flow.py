@@ -20,15 +20,16 @@ from typing import Iterator
 
 import decord
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipelines.config import VideoDataConfig
+from pipelines.config import LOOPBACK_HOST_RATE, VideoDataConfig
 from pipelines.flows.videos import build_video_dataset, read_sources, video_data
 from pipelines.manifest import ManifestError
 from pipelines.safety import UrlPolicy
-from pipelines.videos.download import make_worker
+from pipelines.videos.download import RATE_LIMIT_ROUNDS, make_worker
 from pipelines.videos.readers import rewritten_path
 from pipelines.world import generate_world, rebase_world, serve_world, world_preset
 from training.data import VideoDecoder, stage_batches
@@ -36,7 +37,7 @@ from training.lineage import text_fields
 from training.stages import VideoView
 
 pytestmark = pytest.mark.slow
-LOOPBACK = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=3.0)
+LOOPBACK = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=3.0, host_rate=LOOPBACK_HOST_RATE)
 CFG = VideoDataConfig(clip_size=32, samples_per_shard=4, processes=2)
 # The world's category (and, for bad spans, its detail) -> the outcome the flow must record.
 EXPECTED = {"ok": ("written", None), "http_404": ("failed", "http_404"), "corrupt": ("failed", "corrupt"),
@@ -92,7 +93,8 @@ def _decode(mp4: bytes) -> tuple[tuple[int, ...], float]:
 
 
 def _outcomes(out: Path) -> list[dict]:
-    return pq.read_table(out / "outcomes.parquet").to_pylist()
+    """Every outcome part of the dataset, in row order."""
+    return pq.read_table(out / "outcomes.parquet").sort_by("row_id").to_pylist()
 
 
 def _source_urls(out: Path) -> dict[str, str]:
@@ -136,7 +138,8 @@ def world_build(world, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     root, _ = world
     out = tmp_path_factory.mktemp("videos") / "v1"
     sources = [("webvid", str(root / "webvid.csv")), ("hdvila", str(root / "hdvila.jsonl"))]
-    return out, build_video_dataset(sources, str(out), CFG, LOOPBACK, distributor="local")
+    # Metadata in batches of 8 rows: several jobs files, shards numbered on across them.
+    return out, build_video_dataset(sources, str(out), CFG, LOOPBACK, distributor="local", batch_rows=8)
 
 
 def _expected_by_row(root: Path) -> list[tuple[str, tuple[str, str | None]]]:
@@ -151,7 +154,7 @@ def _expected_by_row(root: Path) -> list[tuple[str, tuple[str, str | None]]]:
 def test_every_world_row_ends_as_its_ground_truth_says(world, world_build):
     root, _ = world
     out, manifest = world_build
-    rows = read_sources.fn([("webvid", str(root / "webvid.csv")), ("hdvila", str(root / "hdvila.jsonl"))])
+    rows = read_sources([("webvid", str(root / "webvid.csv")), ("hdvila", str(root / "hdvila.jsonl"))])
     outcomes = _outcomes(out)
     expected = _expected_by_row(root)
     assert [r["row_id"] for r in outcomes] == list(range(len(rows))) and len(outcomes) == len(expected)
@@ -164,7 +167,12 @@ def test_every_world_row_ends_as_its_ground_truth_says(world, world_build):
     assert sum(manifest["counts"].values()) == len(rows)
     assert sum(s["samples"] for s in manifest["shards"]) == manifest["counts"]["written"]
     assert len(manifest["shards"]) >= 2  # samples_per_shard=4: several shards
-    assert manifest["egress"]["refused"] == [] and manifest["egress"]["hosts"] == [world[1].url.split("//", 1)[1]]
+    jobs = sorted((out / "_work" / "jobs").glob("*.parquet"))
+    assert len(jobs) >= 2 and [int(p.stem) for p in jobs][0] == 0
+    parts = {p.stem for p in (out / "outcomes.parquet").glob("*.parquet")}
+    assert {f"shard-{Path(s['name']).stem}" for s in manifest["shards"]} <= parts  # a part per shard
+    assert manifest["egress"]["refused"]["count"] == 0
+    assert manifest["egress"]["hosts"] == [world[1].url.split("//", 1)[1]]
 
 
 def test_world_shards_hold_mp4_clips_at_clip_size_and_no_text(world, world_build):
@@ -205,13 +213,13 @@ def test_kill_mid_shard_then_resume(world, world_build, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(first_out, out)
     shards = out / "shards"
-    victim = "00001"
+    victim = next(Path(s["name"]).stem for s in first["shards"][1:] if s["samples"])  # a shard with clips
     (shards / f"{victim}_stats.json").unlink()
     tar = shards / f"{victim}.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # as if killed while writing
     before = len(server.request_log)
     sources = [("webvid", str(world[0] / "webvid.csv")), ("hdvila", str(world[0] / "hdvila.jsonl"))]
-    again = build_video_dataset(sources, str(out), CFG, LOOPBACK, distributor="multiprocessing")
+    again = build_video_dataset(sources, str(out), CFG, LOOPBACK, distributor="multiprocessing", batch_rows=8)
     assert _outcomes(out) == _outcomes(first_out)
     assert again["counts"] == first["counts"] and again["rows"] == first["rows"]
     assert [(s["name"], s["samples"]) for s in again["shards"]] == [(s["name"], s["samples"]) for s in first["shards"]]
@@ -245,7 +253,8 @@ def test_refused_before_any_connection_and_on_a_redirect(world, tmp_path):
     manifest = build_video_dataset([("webvid", str(csv_path))], str(tmp_path / "out"), CFG, LOOPBACK)
     got = [(o["status"], o["reason"]) for o in _outcomes(tmp_path / "out")]
     assert got == [("failed", "refused"), ("failed", "refused"), ("written", None)]
-    assert [url for url, _ in manifest["egress"]["refused"]] == [off_list]
+    assert manifest["egress"]["refused"]["count"] == 1
+    assert [url for url, _ in manifest["egress"]["refused"]["sample"]] == [off_list]
     assert sorted(server.request_log[before:]) == sorted([urls[1][len(server.url):], urls[2][len(server.url):], good])
     _check_shards(tmp_path / "out", manifest, CFG.clip_size)
 
@@ -261,7 +270,7 @@ def _excerpt(src: Path, dst: Path, seconds: float) -> None:
 
 def test_real_webvid_rows_fetched_only_from_the_loopback_mirror(shared_data, tmp_path):
     csv_path = shared_data / "test_webvid.csv"
-    rows = read_sources.fn([("webvid", str(csv_path))]).to_pylist()
+    rows = read_sources([("webvid", str(csv_path))]).to_pylist()
     mirror_root = tmp_path / "mirror"
     (mirror_root / "rewritten").mkdir(parents=True)
     served = [rows[i]["url"] for i in (0, 7, 13)]
@@ -274,7 +283,7 @@ def test_real_webvid_rows_fetched_only_from_the_loopback_mirror(shared_data, tmp
                                  overrides=["data.videos.clip_size=32", "data.videos.processes=1"])
     network = manifest["settings"]["network"]
     assert network["allow_public"] is False and network["allow_networks"] == ["127.0.0.1/32"]
-    assert manifest["egress"]["hosts"] == [mirror.url.split("//", 1)[1]] and manifest["egress"]["refused"] == []
+    assert manifest["egress"]["hosts"] == [mirror.url.split("//", 1)[1]] and manifest["egress"]["refused"]["count"] == 0
     assert sorted(mirror.paths) == sorted(rewritten_path(r["url"]) for r in rows)  # each row fetched once, here
     outcomes = _outcomes(out)
     assert [o["key"] for o in outcomes] == [r["key"] for r in rows]
@@ -356,21 +365,71 @@ def test_retry_failed_fetches_only_the_failed_downloads_again(world, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        csv_path = tmp_path / "webvid.csv"
-        with csv_path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"])
-            writer.writerow([1, "a caption", 1, "d", "PT00H00M04S", f"{base}/a.mp4"])
-            writer.writerow([2, "a caption", 1, "d", "PT00H00M04S", f"{base}/missing.mp4"])
+        meta = tmp_path / "webvid.parquet"  # WebVid as parquet, as most copies circulate
+        pq.write_table(pa.table({"videoid": [1, 2], "contentUrl": [f"{base}/a.mp4", f"{base}/missing.mp4"],
+                                 "duration": ["PT00H00M04S"] * 2}), meta)
         out = tmp_path / "out"
-        first = build_video_dataset([("webvid", str(csv_path))], str(out), CFG, LOOPBACK, distributor="local")
+        first = build_video_dataset([("webvid", str(meta))], str(out), CFG, LOOPBACK, distributor="local")
         assert first["counts"] == {"failed:http_404": 1, "failed:http_error": 1}
-        again = build_video_dataset([("webvid", str(csv_path))], str(out), CFG, LOOPBACK, distributor="local",
+        again = build_video_dataset([("webvid", str(meta))], str(out), CFG, LOOPBACK, distributor="local",
                                     retry_failed=True)
         assert again["counts"] == {"failed:http_404": 1, "written": 1}
         assert again["egress"]["retried"] == 2
         keys = [s["__key__"] for s in _samples(out, again)]
         assert len(keys) == len(set(keys)) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Limited(SimpleHTTPRequestHandler):
+    """429 (Retry-After: 0) for the first `limits[name]` requests of a file, then the file; every
+    request counted by path."""
+
+    def do_GET(self) -> None:
+        hits = self.server.hits  # type: ignore[attr-defined]
+        hits[self.path] = hits.get(self.path, 0) + 1
+        if hits[self.path] <= self.server.limits.get(self.path, 0):  # type: ignore[attr-defined]
+            self.send_response(429)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+def test_rate_limited_rows_are_fetched_again_in_later_rounds_never_dropped(world, tmp_path):
+    """A host answering 429: the row is deferred and fetched in a later round; a row still refused
+    after the last round ends `failed: rate_limited`. Every row one outcome, one sample per written row."""
+    root, _ = world
+    truth = pq.read_table(root / "ground_truth.parquet").to_pandas()
+    good = truth[(truth.source == "webvid") & (truth.expected == "ok")].url_path.iloc[0]
+    files = tmp_path / "files"
+    files.mkdir()
+    for name in ("once", "twice", "always", "never"):
+        shutil.copy(root / good.lstrip("/"), files / f"{name}.mp4")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Limited, directory=str(files)))
+    server.hits, server.limits = {}, {"/once.mp4": 1, "/twice.mp4": 2, "/always.mp4": 99}  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        csv_path = tmp_path / "webvid.csv"
+        csv_path.write_text("videoid,contentUrl\n" + "".join(
+            f"{i},{base}/{name}.mp4\n" for i, name in enumerate(("once", "twice", "always", "never"))))
+        out = tmp_path / "out"
+        policy = LOOPBACK.model_copy(update={"backoff_s": 0.0})
+        manifest = build_video_dataset([("webvid", str(csv_path))], str(out), CFG, policy, distributor="local")
+        got = [(o["row_id"], o["status"], o["reason"]) for o in _outcomes(out)]
+        assert got == [(0, "written", None), (1, "written", None), (2, "failed", "rate_limited"), (3, "written", None)]
+        hits = server.hits  # type: ignore[attr-defined]
+        assert hits == {"/once.mp4": 2, "/twice.mp4": 3, "/always.mp4": 1 + RATE_LIMIT_ROUNDS, "/never.mp4": 1}
+        assert manifest["counts"] == {"failed:rate_limited": 1, "written": 3}
+        assert manifest["egress"]["deferred_again"] == 3 + 2 + 1  # rows asked for again over the 3 rounds
+        keys = [s["__key__"] for s in _samples(out, manifest)]
+        assert len(keys) == len(set(keys)) == 3
     finally:
         server.shutdown()
         server.server_close()

@@ -1,4 +1,5 @@
-"""The video metadata readers: WebVid CSV and HD-VILA JSONL -> one outcome per input row, no text."""
+"""The video metadata readers: WebVid CSV or parquet and HD-VILA JSONL -> one outcome per input row, no text;
+read in bounded batches; a file that cannot be read is one line naming it."""
 from __future__ import annotations
 
 import csv
@@ -8,19 +9,32 @@ import json
 from pathlib import Path
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
 from _shared import shared_file
 
+from pipelines.cli import main
+from pipelines.flows.videos import iter_sources
+from pipelines.images.decide import HostCache
+from pipelines.safety import UrlPolicy
+from pipelines.videos.plan import plan_rows, write_plan
 from pipelines.videos.readers import (
     VIDEO_ROWS_SCHEMA,
+    KeySet,
+    MetadataError,
     check_span,
+    iter_hdvila,
+    mark_duplicates,
     parse_iso_duration,
     parse_timestamp,
     read_hdvila,
-    read_webvid,
     rewrite_urls,
     rewritten_path,
 )
+from pipelines.videos.webvid import iter_webvid, read_webvid
 
 BASE = "http://127.0.0.1:8765"
 
@@ -189,3 +203,166 @@ def test_rewrite_urls_leaves_invalid_urls_and_refuses_real_hosts(tmp_path):
     for base in ("https://example.org", "http://10.0.0.1:80", "file:///tmp"):
         with pytest.raises(ValueError, match="base_url"):
             rewrite_urls(table, base)
+
+
+# --- the metadata files people have: formats, batches, files that cannot be read ----------------
+
+
+def _webvid_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_webvid_parquet_reads_as_the_csv_does_whatever_its_name(tmp_path):
+    """WebVid as parquet (how most copies circulate): the same rows as the CSV; the format is taken from
+    the bytes, so a parquet file named .csv reads too. Integer ids (the parquet copies' type) are ids."""
+    csv_path = _real_webvid()
+    records = pa_csv.read_csv(csv_path)  # videoid as int64, as in the parquet copies
+    assert pa.types.is_integer(records.schema.field("videoid").type)
+    for name in ("webvid.parquet", "named_like.csv"):
+        pq.write_table(records, tmp_path / name)
+        table = read_webvid(str(tmp_path / name))
+        assert table.drop(["line"]).equals(read_webvid(str(csv_path)).drop(["line"]))
+        assert table["line"].to_pylist() == list(range(2, 22))
+
+
+def test_webvid_needs_only_an_id_and_a_url(tmp_path):
+    """`videoid,name,contentUrl` (no duration, no page fields; a spreadsheet's BOM first) reads; duration
+    is checked only when given."""
+    path = tmp_path / "minimal.csv"
+    path.write_text("\ufeffvideoid,name,contentUrl\n"
+                    "11,a caption,https://v.example/11.mp4\n"
+                    "12,another,\n"
+                    "13,third,https://v.example/13.mp4\n")
+    rows = read_webvid(str(path)).to_pylist()
+    assert [(r["key"], r["status"], r["reason"], r["duration_s"]) for r in rows] == [
+        ("webvid:11", "ok", None, None), ("webvid:12", "invalid", "no_url", None), ("webvid:13", "ok", None, None)]
+    parquet = _webvid_parquet(tmp_path / "minimal.parquet", [
+        {"videoid": 1, "contentUrl": "https://v.example/1.mp4", "duration": 12.5},
+        {"videoid": None, "contentUrl": "https://v.example/2.mp4", "duration": 3.0},
+        {"videoid": 3, "contentUrl": "ftp://v.example/3.mp4", "duration": 3.0},
+        {"videoid": 4, "contentUrl": "https://v.example/4.mp4", "duration": 0.0},
+        {"videoid": 1, "contentUrl": "https://v.example/1b.mp4", "duration": 2.0},
+        {"videoid": 6, "contentUrl": "http://:80/6.mp4", "duration": 2.0}])
+    got = [(r["key"], r["reason"], r["duration_s"]) for r in read_webvid(str(parquet)).to_pylist()]
+    assert got == [("webvid:1", None, 12.5), ("webvid:line3", "bad_video_id", None),
+                   ("webvid:3", "bad_url_scheme", 3.0), ("webvid:4", "bad_duration", None),
+                   ("webvid:1@line6", "duplicate_key", 2.0), ("webvid:6", "bad_url", 2.0)]
+
+
+def test_batches_give_the_rows_of_one_read_and_never_split_a_video(tmp_path):
+    """Small batches: the same rows (duplicates found across batches too); HD-VILA batches end on a line."""
+    whole = read_webvid(str(_real_webvid()))
+    seen = KeySet()
+    batches = [mark_duplicates(b, seen) for b in iter_webvid(str(_real_webvid()), batch_rows=3)]
+    assert [len(b) for b in batches] == [3] * 6 + [2]
+    assert pa.concat_tables(batches).equals(whole)
+    path = tmp_path / "hdvila.jsonl"
+    videos = [{"video_id": f"v{i}", "url": f"https://v.example/{i}.mp4",
+               "clip": [{"clip_id": f"v{i}.{k}", "span": [k, k + 1]} for k in range(i % 3 + 1)]} for i in range(7)]
+    _write_jsonl(path, videos + [videos[2]])  # the last line repeats a video: its clips are duplicates
+    seen = KeySet()
+    batches = [mark_duplicates(b, seen) for b in iter_hdvila(str(path), batch_rows=2)]
+    assert all(len(set(b["line"].to_pylist()) & set(c["line"].to_pylist())) == 0
+               for b, c in zip(batches, batches[1:]))
+    joined = pa.concat_tables(batches)
+    assert joined.equals(read_hdvila(str(path)))
+    assert joined["reason"].to_pylist()[-3:] == ["duplicate_key"] * 3
+    assert joined["key"].to_pylist()[-1] == "hdvila:v2:2@line8"
+
+
+def test_key_set_finds_every_repeat_across_many_adds():
+    keys = [f"webvid:{i % 1000}" for i in range(5000)]
+    seen = KeySet()
+    repeats = np.concatenate([seen.add(keys[i:i + 137]) for i in range(0, len(keys), 137)])
+    assert repeats.sum() == 4000 and not repeats[:1000].any() and repeats[1000:].all()
+    assert len(seen.runs) <= 8  # merged like a binary counter: log2 of the adds
+
+
+def test_hdvila_released_format_reads_and_youtube_rows_stay_refused():
+    """The released HD-VILA-100M line (XPretrain hd-vila-100m/README.md): clips with HH:MM:SS.mmm spans;
+    its YouTube URLs are read fine and then not fetched: `unsupported_url`, before any connection."""
+    line = {"video_id": "QMi8x8o55Ns", "url": "https://www.youtube.com/watch?v=QMi8x8o55Ns",
+            "clip": [{"clip_id": "QMi8x8o55Ns.1.mp4", "span": ["00:00:17.759", "00:00:23.279"]},
+                     {"clip_id": "QMi8x8o55Ns.16.mp4", "span": ["00:04:52.140", "00:05:03.350"]}]}
+    with fsspec.open("memory://meta/hdvila_part0.jsonl", "w") as fh:
+        fh.write(json.dumps(line) + "\n")
+    rows = read_hdvila("memory://meta/hdvila_part0.jsonl")
+    assert rows["status"].to_pylist() == ["ok", "ok"]
+    assert rows["start_s"].to_pylist() == [pytest.approx(17.759), pytest.approx(292.14)]
+    assert rows["clip_id"].to_pylist() == ["QMi8x8o55Ns.1.mp4", "QMi8x8o55Ns.16.mp4"]
+    public = UrlPolicy()
+    rows = rows.append_column("source", pa.array(["hdvila"] * 2)).append_column("row_id", pa.array([0, 1]))
+    plan = plan_rows(rows, public, HostCache(lambda host: ["93.184.216.34"]))  # no lookup leaves the machine
+    assert plan["decision"].to_pylist() == ["filtered"] * 2
+    assert plan["why"].to_pylist() == ["unsupported_url"] * 2
+
+
+def _bad_files(tmp: Path) -> dict[str, tuple[str, Path, str]]:
+    """name -> (source kind, file, what its one line must say)."""
+    pq.write_table(pa.table({"videoid": [1], "contentUrl": ["https://v.example/1.mp4"]}), tmp / "webvid.parquet")
+    pq.write_table(pa.table({"videoid": [1], "url": ["https://v.example/1.mp4"]}), tmp / "nourl.parquet")
+    (tmp / "latin1.csv").write_bytes("videoid,name,contentUrl\n1,caf\xe9,https://v.example/1.mp4\n".encode("latin-1"))
+    (tmp / "nocol.csv").write_text("videoid,name,duration\n1,x,PT1S\n")
+    (tmp / "empty.csv").write_text("")
+    (tmp / "cut.parquet").write_bytes((tmp / "webvid.parquet").read_bytes()[:40])
+    (tmp / "hdvila.jsonl").write_text('{"video_id": "a", "url": "https://v.example/a.mp4", "clip": []}\n')
+    (tmp / "notjson.jsonl").write_text("{'video_id': 'a', 'url': 'x'}\n")
+    return {
+        "parquet given as HD-VILA": ("hdvila", tmp / "webvid.parquet", "a parquet file, not HD-VILA JSON lines"),
+        "CSV given as HD-VILA": ("hdvila", tmp / "nocol.csv", "CSV or other text, not HD-VILA JSON lines"),
+        "JSON lines given as WebVid": ("webvid", tmp / "hdvila.jsonl", "JSON lines, not WebVid CSV or parquet"),
+        "not UTF-8": ("webvid", tmp / "latin1.csv", "not UTF-8 text at line 2"),
+        "CSV without contentUrl": ("webvid", tmp / "nocol.csv", "lacks column(s) contentUrl"),
+        "parquet without contentUrl": ("webvid", tmp / "nourl.parquet", "lacks column(s) contentUrl"),
+        "empty": ("webvid", tmp / "empty.csv", "empty file"),
+        "cut parquet": ("webvid", tmp / "cut.parquet", "unreadable parquet"),
+        "malformed first JSON line": ("hdvila", tmp / "notjson.jsonl", "line 1 is not a JSON object"),
+        "missing": ("webvid", tmp / "absent.csv", "no such file"),
+    }
+
+
+def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    for case, (kind, path, what) in _bad_files(tmp_path).items():
+        with pytest.raises(MetadataError) as err:
+            list(iter_sources([(kind, str(path))]))
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and what in message and "\n" not in message, (case, message)
+
+
+def test_the_cli_says_one_line_and_no_traceback(tmp_path, capsys):
+    bad = _bad_files(tmp_path)
+    for case in ("parquet given as HD-VILA", "not UTF-8", "CSV without contentUrl"):
+        kind, path, what = bad[case]
+        assert main(["data", "videos", f"--{kind}", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err and str(path) in err and "Traceback" not in err, (case, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_in_small_batches_decides_and_groups_as_one_batch(tmp_path):
+    """The plan written batch by batch: every row once (an outcome part for rows not fetched, a job
+    for the others), overlapping HD-VILA spans in separate jobs, the same as in one batch."""
+    hd = tmp_path / "hdvila.jsonl"
+    _write_jsonl(hd, [{"video_id": f"h{i}", "url": f"http://127.0.0.1:9/h{i}.mp4",
+                       "clip": [{"clip_id": "a", "span": [0, 2]}, {"clip_id": "b", "span": [1, 3]},
+                                {"clip_id": "c", "span": [2, 4]}, {"clip_id": "d", "span": [3, 1]}]}
+                      for i in range(3)] + ["{broken"])
+    sources = [("webvid", str(_real_webvid())), ("hdvila", str(hd))]
+    policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"])
+    summaries, plans = [], []
+    for batch_rows, out in ((4, tmp_path / "small"), (1000, tmp_path / "one")):
+        batches = iter_sources(sources, rewrite_base="http://127.0.0.1:9", batch_rows=batch_rows)
+        summaries.append(write_plan(batches, str(out), policy, samples_per_shard=4))
+        jobs = pq.read_table(out / "_work" / "jobs")
+        plans.append((sorted(map(tuple, jobs["row_ids"].to_pylist())),
+                      pq.read_table(out / "outcomes.parquet").sort_by("row_id").to_pylist()))
+    small, one = summaries
+    assert small["rows"] == one["rows"] == 20 + 12 + 1 and small["batches"] > one["batches"] == 2
+    assert small["source_rows"] == one["source_rows"] == {"webvid": 20, "hdvila": 13}
+    assert plans[0] == plans[1]
+    job_rows, outcomes = plans[0]
+    covered = sorted([r for ids in job_rows for r in ids] + [o["row_id"] for o in outcomes])
+    assert covered == list(range(33))
+    assert job_rows[20:] == [(20, 22), (21,), (24, 26), (25,), (28, 30), (29,)]  # spans [0,2]+[2,4], then [1,3]
+    assert [(o["status"], o["reason"]) for o in outcomes] == [("filtered", "bad_span")] * 3 + [("filtered", "bad_json")]

@@ -3,6 +3,7 @@ workers)."""
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from pipelines.cli.options import add_config_args
@@ -10,11 +11,21 @@ from pipelines.config import ConfigError
 
 
 def cmd_data_images(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
     from pipelines.flows.images import image_data
+    from pipelines.images.plan import MetadataError, check_metadata
 
-    image_data(metadata=[str(p) for p in args.metadata], out=str(args.out), preset=args.preset,
-               config=str(args.config) if args.config else None, overrides=args.overrides, overwrite=args.overwrite,
-               retry_failed=args.retry_failed)
+    overrides = list(args.overrides)
+    for flag, field in (("url_col", "url_col"), ("caption_col", "caption_col")):
+        if getattr(args, flag):
+            overrides.append(f"data.images.{field}={json.dumps(getattr(args, flag))}")
+    metadata, config = [str(p) for p in args.metadata], str(args.config) if args.config else None
+    try:  # unreadable files and unmapped columns: one line before the flow starts
+        check_metadata(metadata, load_config(args.preset, config, overrides).data.images)
+        image_data(metadata=metadata, out=str(args.out), preset=args.preset, config=config, overrides=overrides,
+                   overwrite=args.overwrite, retry_failed=args.retry_failed)
+    except MetadataError as err:
+        raise ConfigError(str(err)) from None
     return 0
 
 
@@ -22,8 +33,9 @@ def cmd_data_videos(args: argparse.Namespace) -> int:
     sources = [("webvid", str(p)) for p in args.webvid] + [("hdvila", str(p)) for p in args.hdvila]
     if not sources:
         raise ConfigError("mav data videos: give at least one --webvid CSV or --hdvila JSONL")
-    from pipelines.flows.videos import video_data
+    from pipelines.flows.videos import check_metadata, video_data
 
+    check_metadata(sources)  # an unreadable file: one line before any flow starts
     video_data(sources=sources, out=str(args.out), preset=args.preset,
                config=str(args.config) if args.config else None, overrides=args.overrides,
                overwrite=args.overwrite, rewrite_base=args.rewrite_base, retry_failed=args.retry_failed)
@@ -38,6 +50,8 @@ def _add_images(data_sub: Any) -> None:
                                         "Re-running resumes.")
     add_config_args(d)
     d.add_argument("metadata", nargs="+", help="parquet file(s) with URL, TEXT, ... columns")
+    d.add_argument("--url-col", metavar="NAME", help="the URL column (default: data.images.url_col, URL)")
+    d.add_argument("--caption-col", metavar="NAME", help="the caption column (default: data.images.caption_col, TEXT)")
     add_dataset_args(d)
     d.set_defaults(func=cmd_data_images)
 
@@ -57,8 +71,10 @@ def _add_videos(data_sub: Any) -> None:
                                         "and write text-free shards, outcomes.parquet and manifest.json into --out. "
                                         "Captions are dropped: the video side never carries text. Re-running resumes.")
     add_config_args(d)
-    d.add_argument("--webvid", nargs="+", default=[], metavar="CSV", help="WebVid-style CSV file(s)")
-    d.add_argument("--hdvila", nargs="+", default=[], metavar="JSONL", help="HD-VILA-style JSONL file(s)")
+    d.add_argument("--webvid", nargs="+", default=[], metavar="FILE",
+                   help="WebVid metadata, CSV or parquet (videoid and contentUrl required)")
+    d.add_argument("--hdvila", nargs="+", default=[], metavar="JSONL",
+                   help="HD-VILA-100M metadata, JSON lines as released")
     d.add_argument("--rewrite-base", metavar="URL",
                    help="point every URL at this loopback mirror first (tests, demos: never the real hosts)")
     add_dataset_args(d)

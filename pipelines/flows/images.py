@@ -1,86 +1,62 @@
 """Image data flow (LAION-style): filter the metadata, download with img2dataset, write a manifest.
 
-    metadata parquet(s) -> filter (every row: kept or a reason) -> img2dataset into webdataset shards
-    -> outcomes.parquet (one outcome per input row) + manifest.json
+    metadata parquet(s) -> plan, in bounded batches: filter (every row kept or a reason) and decide
+    (every kept URL allowed or refused) -> img2dataset into webdataset shards
+    -> outcomes.parquet/ (one outcome per input row, one part per plan batch and per shard) + manifest.json
 
-Re-running with the same inputs and settings resumes; other inputs or settings in the same folder
-are refused unless `overwrite` is set.
+Re-running with the same inputs and settings resumes on the saved plan (nothing is decided again);
+other inputs or settings in the same folder are refused unless `overwrite` is set. Nothing the
+driver holds grows with the row count: batches, per-shard parts, counts streamed from the parts.
 """
 from __future__ import annotations
 
-import json
-
-import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 
 from pipelines.config import ImageDataConfig, load_config
 from pipelines.flows import run_step
-from pipelines.images.download import download_images
-from pipelines.images.filters import filter_metadata, split_kept
-from pipelines.manifest import (OUTCOME_SCHEMA, format_counts, hash_inputs, open_job, shard_entries, write_manifest,
-                                write_outcomes)
-from pipelines.safety import UrlPolicy
-from training.storage import join
+from pipelines.images.download import download_images, shard_index
+from pipelines.images.plan import check_metadata, load_or_write_plan
+from pipelines.manifest import count_outcomes, format_counts, hash_inputs, open_job, shard_entries, write_manifest
+from pipelines.safety import Resolver, UrlPolicy, system_resolve
 
 
-@task(name="read-metadata")
-def read_metadata(paths: list[str]) -> pa.Table:
-    tables = []
-    for path in paths:
-        with fsspec.open(path, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-@task(name="filter-metadata")
-def filter_step(table: pa.Table, cfg: ImageDataConfig, out: str) -> pa.Table:
-    filtered = filter_metadata(table, cfg.filters)
-    with fsspec.open(join(out, "filtered.parquet"), "wb") as fh:
-        pq.write_table(filtered, fh)
-    return filtered
+@task(name="plan-images")
+def plan_step(metadata: list[str], cfg: ImageDataConfig, policy: UrlPolicy, out: str, resolve: Resolver) -> dict:
+    return load_or_write_plan(metadata, out, cfg, policy, resolve)
 
 
 @task(name="download-images")
-def download_step(kept: pa.Table, cfg: ImageDataConfig, policy: UrlPolicy, out: str,
-                  retry_failed: bool = False) -> tuple[pa.Table, dict]:
-    return download_images(kept, out, image_size=cfg.image_size, samples_per_shard=cfg.samples_per_shard,
+def download_step(plan: dict, cfg: ImageDataConfig, policy: UrlPolicy, out: str, retry_failed: bool,
+                  resolve: Resolver) -> dict:
+    return download_images(out, plan, image_size=cfg.image_size, samples_per_shard=cfg.samples_per_shard,
                            processes=cfg.processes, threads=cfg.threads, retries=cfg.retries,
-                           distributor=cfg.distributor, policy=policy, retry_failed=retry_failed)
+                           distributor=cfg.distributor, policy=policy, retry_failed=retry_failed, resolve=resolve,
+                           deferred_rounds=cfg.deferred_rounds, deferred_wait_s=cfg.deferred_wait_s)
 
 
-def _shard_samples(out: str) -> dict[str, int]:
-    fs, root = fsspec.core.url_to_fs(join(out, "shards"))
-    samples = {}
-    for stats in fs.glob(root + "/*_stats.json"):
-        with fs.open(stats, "r") as fh:
-            samples[stats.rsplit("/", 1)[-1].split("_")[0] + ".tar"] = json.load(fh)["successes"]
-    return samples
+@task(name="write-manifest")
+def manifest_step(out: str, metadata: list[str], inputs_hash: str, settings: dict, plan: dict, egress: dict) -> dict:
+    counts = count_outcomes(out, plan["rows"])
+    samples, hashes = shard_index(out)
+    return write_manifest(out, kind="images", inputs=metadata, inputs_hash=inputs_hash, settings=settings,
+                          counts=counts, rows=plan["rows"], shards=shard_entries(out, samples, hashes),
+                          extra={"egress": egress, "input_rows": plan["rows"]})
 
 
 def build_image_dataset(metadata: list[str], out: str, cfg: ImageDataConfig, policy: UrlPolicy,
-                        overwrite: bool = False, retry_failed: bool = False) -> dict:
+                        overwrite: bool = False, retry_failed: bool = False,
+                        resolve: Resolver = system_resolve) -> dict:
     """The flow's body: Prefect tasks inside a flow run, plain functions elsewhere (tests, scripts).
-    `retry_failed`: fetch the rows whose download failed once more (a resumed dataset only grows)."""
+    `retry_failed`: fetch the rows whose download failed once more (a resumed dataset only grows).
+    `resolve`: host name -> addresses for the URL decisions and the egress gate (tests inject one).
+    A metadata file that cannot be read or mapped raises MetadataError (one line naming the file)."""
     settings = {"images": cfg.model_dump(mode="json"), "network": policy.model_dump(mode="json")}
+    check_metadata(metadata, cfg)
     inputs_hash = hash_inputs(metadata)
     open_job(out, kind="images", inputs_hash=inputs_hash, settings=settings, overwrite=overwrite)
-    table = run_step(read_metadata, metadata)
-    filtered = run_step(filter_step, table, cfg, out)
-    kept, dropped = split_kept(filtered)
-    fetched, egress = run_step(download_step, kept, cfg, policy, out, retry_failed)
-    filtered_rows = pa.table({
-        "row_id": dropped["row_id"], "key": dropped["URL"], "status": dropped["status"],
-        "reason": dropped["reason"], "shard": pa.nulls(len(dropped), pa.string()),
-        "sample_key": pa.nulls(len(dropped), pa.string()),
-    }, schema=OUTCOME_SCHEMA)
-    outcomes = pa.concat_tables([fetched, filtered_rows])
-    samples = _shard_samples(out)
-    shards = shard_entries(out, samples)
-    write_outcomes(out, outcomes)
-    return write_manifest(out, kind="images", inputs=metadata, inputs_hash=inputs_hash, settings=settings,
-                          outcomes=outcomes, shards=shards, extra={"egress": egress, "input_rows": len(table)})
+    plan = run_step(plan_step, metadata, cfg, policy, out, resolve)
+    egress = run_step(download_step, plan, cfg, policy, out, retry_failed, resolve)
+    return run_step(manifest_step, out, metadata, inputs_hash, settings, plan, egress)
 
 
 @flow(name="image-data", log_prints=True)

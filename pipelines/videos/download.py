@@ -1,7 +1,8 @@
 """Download WebVid videos and HD-VILA clips with video2dataset into webdataset shards, through the egress proxy.
 
-The parts are video2dataset's own: its `InputSharder` slices the job list into shards, its
-`DownloadWorker` runs each shard (thread pool, webdataset writer, per-shard parquet, `_stats.json`).
+The parts are video2dataset's own: its `InputSharder` slices each jobs file of the plan (videos.plan)
+into shards, numbered on from the file's name, one file at a time; its `DownloadWorker` runs each
+shard (thread pool, webdataset writer, per-shard parquet, `_stats.json`).
 Four of the worker's parts are replaced, because in 1.3.0 they would be wrong here:
 - the web-file downloader ignores the HTTP status (a 404 page is saved as a "successful" video) and
   connects wherever the environment says; `CheckedDownloader` goes through the egress proxy
@@ -14,7 +15,9 @@ Four of the worker's parts are replaced, because in 1.3.0 they would be wrong he
   the shard's parquet only.
 Sample keys: video2dataset's `{shard:05d}{index}` per job; an HD-VILA clip adds `_{k:05d}`, k being
 the clip's position among its job's spans (sorted by start), so a key never changes on a rerun.
-Resume: a shard is done when its `_stats.json` exists; others are redone from scratch.
+Resume: a shard is done when its `_stats.json` exists; others are redone from scratch. Each shard's
+outcomes are its own part of outcomes.parquet (videos.parts); jobs fetched again (--retry-failed, rows
+the gate deferred) go to new jobs files after the last shard.
 """
 from __future__ import annotations
 
@@ -24,107 +27,37 @@ import io
 import multiprocessing
 import os
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import decord
 import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from pipelines.egress import environment
-from pipelines.gates import GateRun
-from pipelines.images.download import decide_urls
-from pipelines.manifest import OUTCOME_SCHEMA
+from pipelines.gates import GateRun, flush_process_gates, gate_env
 from pipelines.safety import UrlPolicy
+from pipelines.videos.parts import job_files, shard_ids, write_parts, write_retry_jobs
+from pipelines.videos.plan import JOB_COLUMNS
 from pipelines.videos.workers import CheckedDownloader, ClipAndResize, ClipsOnlyWriter, NoYtDlp
 from training.storage import join
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")  # what video2dataset fetches without yt-dlp
 REASONS = ("refused", "http_404", "http_error", "timeout", "html", "too_big", "truncated", "too_many_redirects",
            "download_error", "corrupt", "bad_duration", "span_past_end", "empty_clip", "clip_failed",
            "unsupported_url")
-JOB_SCHEMA = pa.schema([
-    ("url", pa.string()),
-    ("clips", pa.list_(pa.list_(pa.float64()))),  # [[start, end], ...]; empty: the whole video (WebVid)
-    ("row_id", pa.int64()),                       # the first row; each written clip's meta holds its own
-    ("row_ids", pa.list_(pa.int64())),            # one per span (or the one WebVid row)
-    ("dropped_row_ids", pa.list_(pa.int64())),    # filled by ClipAndResize: spans that gave no clip ...
-    ("dropped_reasons", pa.list_(pa.string())),   # ... and why
-    ("dataset", pa.string()),                     # webvid | hdvila: in every clip's .json, for per-stage selection
-])
-JOB_COLUMNS = ["row_id", "row_ids", "dropped_row_ids", "dropped_reasons", "dataset"]  # carried into each clip's meta
-
 
 def reason_of(message: str | None) -> str:
     """The reason a worker recorded: the leading word of our own messages, else a generic one."""
     head = (message or "").split(":", 1)[0].strip()
-    return head if head in REASONS else "download_error"
+    return head if head in REASONS or head == "rate_limited" else "download_error"
 
-
-# --- the decision step: every row, before any connection -------------------------------------
-
-
-def plan_rows(rows: pa.Table, policy: UrlPolicy) -> pa.Table:
-    """Add `decision` (fetch | filtered | failed), `why` and, for refusals, the policy's `detail`."""
-    status, reasons, urls = (rows[c].to_pylist() for c in ("status", "reason", "url"))
-    ok = [i for i, s in enumerate(status) if s == "ok"]
-    refusals = dict(zip(ok, decide_urls([urls[i] for i in ok], policy)))
-    decided = [_decide(state, reason, url, refusals.get(i))
-               for i, (state, reason, url) in enumerate(zip(status, reasons, urls))]
-    return (rows.append_column("decision", pa.array([d[0] for d in decided], pa.string()))
-            .append_column("why", pa.array([d[1] for d in decided], pa.string()))
-            .append_column("detail", pa.array(refusals.get(i) for i in range(len(rows))).cast(pa.string())))
-
-
-def _decide(state: str, reason: str | None, url: str | None, refusal: str | None) -> tuple[str, str | None]:
-    if state != "ok":
-        return "filtered", reason
-    if refusal is not None:
-        return "failed", "refused"
-    if not url or not url.lower().endswith(VIDEO_SUFFIXES):  # yt-dlp's domain in video2dataset: not fetched
-        return "filtered", "unsupported_url"
-    return "fetch", None
-
-
-def _passes(clips: list[tuple[float, float, int]]) -> list[list[tuple[float, float, int]]]:
-    """Spans of one video in groups without overlap (one download per group), each sorted by start."""
-    groups: list[list[tuple[float, float, int]]] = []
-    for clip in sorted(clips):
-        target = next((g for g in groups if g[-1][1] <= clip[0]), None)
-        if target is None:
-            groups.append([clip])
-        else:
-            target.append(clip)
-    return groups
-
-
-def jobs_from_plan(plan: pa.Table) -> pa.Table:
-    """One job per WebVid row and per non-overlapping group of an HD-VILA video's clips, in row order."""
-    fetch = plan.filter(pc.equal(plan["decision"], "fetch"))
-    jobs: list[tuple[int, str, list]] = []
-    videos: dict[str, list[tuple[float, float, int]]] = {}
-    dataset = dict(zip(fetch["row_id"].to_pylist(), fetch["source"].to_pylist()))
-    for row in fetch.select(["row_id", "url", "start_s", "end_s"]).to_pylist():
-        if row["start_s"] is None:
-            jobs.append((row["row_id"], row["url"], [(None, None, row["row_id"])]))
-        else:
-            videos.setdefault(row["url"], []).append((row["start_s"], row["end_s"], row["row_id"]))
-    for url, clips in videos.items():
-        jobs += [(min(c[2] for c in g), url, g) for g in _passes(clips)]
-    jobs.sort(key=lambda j: j[0])
-    return pa.Table.from_pylist([{
-        "url": url, "clips": [[s, e] for s, e, _ in group if s is not None], "row_id": group[0][2],
-        "row_ids": [c[2] for c in group], "dropped_row_ids": [], "dropped_reasons": [],
-        "dataset": dataset[group[0][2]],
-    } for _, url, group in jobs], schema=JOB_SCHEMA)
 
 @dataclass
 class ShardRunner:
-    """One shard in any process: video2dataset's worker with the proxy environment, temp files under
+    """One shard in any process: video2dataset's worker behind this process's own egress gate (started
+    from the run's gate spec in `env`, its record written when the shard ends), temp files under
     `tmp_dir` (its subsamplers use `tempfile`) and its per-sample prints kept off stdout."""
 
     worker: Any
@@ -136,10 +69,11 @@ class ShardRunner:
         old_tempdir = tempfile.tempdir
         tempfile.tempdir = self.tmp_dir
         try:
-            with environment(self.env), contextlib.redirect_stdout(io.StringIO()):
+            with environment(gate_env(self.env)), contextlib.redirect_stdout(io.StringIO()):
                 return self.worker(shard)
         finally:
             tempfile.tempdir = old_tempdir
+            flush_process_gates()
 
 
 # --- running the shards ----------------------------------------------------------------------
@@ -205,8 +139,8 @@ def run_shards(runner: ShardRunner, shards: list[tuple[str, int]], distributor: 
 
 
 def _run_ray(runner: ShardRunner, shards: list[tuple[str, int]]) -> list[tuple[bool, tuple[str, int]]]:
-    """Each shard as a Ray task (video2dataset has no Ray distributor). The runner carries the proxy
-    address, so the task needs no runtime_env; the proxy must be reachable from the workers."""
+    """Each shard as a Ray task (video2dataset has no Ray distributor). The runner carries the run's gate
+    spec, never an address: each task's process starts its own gate, so the task needs no runtime_env."""
     import ray  # seconds to import: only with the ray distributor
 
     if not ray.is_initialized():
@@ -226,55 +160,6 @@ def done_shards(shards: str) -> set[int]:
     return {int(p.rsplit("/", 1)[-1].split("_")[0]) for p in fs.glob(root + "/*_stats.json")}
 
 
-# --- outcomes --------------------------------------------------------------------------------
-
-
-def collect_outcomes(shards: str, plan: pa.Table) -> tuple[pa.Table, dict[str, int]]:
-    """One outcome per plan row (from the done shards' parquet files) and the samples per shard."""
-    fs, root = fsspec.core.url_to_fs(shards)
-    result: dict[int, tuple[str, str | None, str | None, str | None]] = {}
-    samples: dict[str, int] = {}
-    columns = ["row_id", "row_ids", "dropped_row_ids", "dropped_reasons", "key", "status", "error_message"]
-    for shard_id in sorted(done_shards(shards)):
-        name = f"{shard_id:05d}"
-        with fs.open(f"{root}/{name}.parquet", "rb") as fh:
-            records = pq.read_table(fh, columns=columns).to_pylist()
-        samples[f"{name}.tar"] = sum(r["status"] == "success" for r in records)
-        for rec in records:
-            dropped = dict(zip(rec["dropped_row_ids"] or [], rec["dropped_reasons"] or []))
-            for row_id, why in dropped.items():
-                result[row_id] = ("failed", why, None, None)
-            if rec["status"] == "success":
-                result[rec["row_id"]] = ("written", None, f"{name}.tar", rec["key"])
-                continue
-            for row_id in rec["row_ids"]:
-                if row_id not in dropped:
-                    result[row_id] = ("failed", reason_of(rec["error_message"]), None, None)
-    rows = []
-    for row in plan.select(["row_id", "key", "decision", "why"]).to_pylist():
-        if row["decision"] != "fetch":
-            status, why, shard, sample = row["decision"], row["why"], None, None
-        else:  # a shard that failed every retry: redone on the next run
-            status, why, shard, sample = result.get(row["row_id"], ("failed", "shard_incomplete", None, None))
-        rows.append({"row_id": row["row_id"], "key": row["key"], "status": status, "reason": why,
-                     "shard": shard, "sample_key": sample})
-    return pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA), samples
-
-
-def _load_or_write_plan(rows: pa.Table, policy: UrlPolicy, path: str) -> pa.Table:
-    """The plan is fixed when a job starts: a rerun must slice the same jobs into the same shards
-    even if a host's DNS answer has changed since."""
-    fs, local = fsspec.core.url_to_fs(path)
-    if fs.exists(local):
-        with fs.open(local, "rb") as fh:
-            return pq.read_table(fh)
-    plan = plan_rows(rows, policy)
-    with fs.open(local + ".part", "wb") as fh:
-        pq.write_table(plan, fh)
-    fs.mv(local + ".part", local)
-    return plan
-
-
 def _local_tmp(out: str) -> str:
     """video2dataset writes downloads with plain open(): a local folder, under the output when it is local."""
     fs, root = fsspec.core.url_to_fs(out)
@@ -283,64 +168,85 @@ def _local_tmp(out: str) -> str:
     return os.path.join(tempfile.gettempdir(), "mav-videos-" + uuid.uuid5(uuid.NAMESPACE_URL, out).hex[:12])
 
 
-def retry_jobs(jobs: pa.Table, outcomes: pa.Table) -> pa.Table:
-    """The download jobs to fetch again on request: every row failed, for a reason that another try
-    can change (refusals are policy, a span past the video's end is a fact), and none was written."""
-    final = {"refused", "span_past_end"}
-    state = {r: (s, why) for r, s, why in zip(*(outcomes[c].to_pylist() for c in ("row_id", "status", "reason")))}
-    keep = [bool(ids) and all(state.get(r, ("", None))[0] == "failed" and state[r][1] not in final for r in ids)
-            for ids in jobs["row_ids"].to_pylist()]
-    return jobs.filter(pa.array(keep, pa.bool_()))
+# Reasons another try can change, for --retry-failed: refusals are policy, a span past the video's end a
+# fact, and a shard left incomplete is redone on every run anyway.
+FINAL_REASONS = ("refused", "span_past_end", "shard_incomplete")
+RATE_LIMIT_ROUNDS = 3  # later rounds for rows the gate deferred (429/503); after them: failed: rate_limited
 
 
-def download_videos(rows: pa.Table, out: str, *, clip_size: int, samples_per_shard: int, processes: int,
-                    policy: UrlPolicy, threads: int = 4, distributor: str = "auto",
-                    retries: int = 1, retry_failed: bool = False) -> tuple[pa.Table, dict, dict[str, int]]:
-    """Fetch, cut and resize the ok reader rows (with row_id) into `out`/shards.
+@dataclass
+class FileRunner:
+    """Runs the shards of one jobs file that are not done yet, then writes every shard's outcome part."""
 
-    Returns (outcomes for every row, egress record, samples per done shard). Rows invalid at read
-    time are `filtered` with the reader's reason; refused URLs `failed`/`refused` without a connection.
-    `retry_failed`: after the normal (resuming) pass, the failed downloads are fetched once more into
-    new shards numbered after the existing ones; a row's latest outcome is the one recorded.
+    runner: ShardRunner
+    out: str
+    samples_per_shard: int
+    distributor: str
+    processes: int
+    retries: int
+
+    def __call__(self, first: int, path: str, done: set[int]) -> dict[str, int]:
+        from video2dataset.input_sharder import InputSharder  # seconds to import (torch): only when fetching
+
+        shards = join(self.out, "shards")
+        ids = shard_ids(first, path, self.samples_per_shard)
+        if any(i not in done for i in ids):
+            slices = join(self.out, "_work", "v2d_input", f"{first:09d}")
+            fs, folder = fsspec.core.url_to_fs(slices)
+            fs.makedirs(folder, exist_ok=True)
+            sharder = InputSharder(path, "parquet", "url", None, "clips", JOB_COLUMNS, self.samples_per_shard,
+                                   {i - first for i in ids if i in done}, slices)
+            pending = [(slice_path, shard_id + first) for slice_path, shard_id in sharder]
+            run_shards(self.runner, pending, resolve_distributor(self.distributor, len(pending), self.processes),
+                       self.processes, self.retries)
+            fs, root = fsspec.core.url_to_fs(shards)
+            done |= {i for i in ids if fs.exists(f"{root}/{i:05d}_stats.json")}  # the file's shards only
+        return write_parts(self.out, first, path, self.samples_per_shard, done, reason_of)
+
+
+def download_videos(out: str, *, clip_size: int, samples_per_shard: int, processes: int, policy: UrlPolicy,
+                    threads: int = 4, distributor: str = "auto", retries: int = 1,
+                    retry_failed: bool = False) -> tuple[dict, dict[str, int]]:
+    """Fetch, cut and resize the planned jobs (`plan.write_plan`) into `out`/shards, one jobs file at a time.
+
+    Returns (egress record, samples per done shard); every fetched row's outcome is in its shard's part.
+    Rows the gate deferred (`rate_limited`: a 429/503 or the host's turn too far off) are fetched again in
+    up to RATE_LIMIT_ROUNDS later rounds, the k-th after k x policy.backoff_s; never dropped: a row still
+    deferred after the last round is `failed: rate_limited` (and fetched again by the next run).
+    `retry_failed`: first, the failed downloads are fetched once more into new shards numbered after the
+    existing ones; a row's outcome is then its latest shard's.
     """
-    from video2dataset.input_sharder import InputSharder  # seconds to import (torch): only when fetching
-
     _restore_decord_bridge()
-    work, shards, tmp_dir = join(out, "_work"), join(out, "shards"), _local_tmp(out)
+    shards, tmp_dir = join(out, "shards"), _local_tmp(out)
     fs, _ = fsspec.core.url_to_fs(out)
     fs.makedirs(shards, exist_ok=True)
-    plan = _load_or_write_plan(rows, policy, join(work, "plan.parquet"))
-    jobs = jobs_from_plan(plan)
-    with fs.open(join(work, "to_download.parquet"), "wb") as fh:
-        pq.write_table(jobs, fh)
-    sharder = InputSharder(join(work, "to_download.parquet"), "parquet", "url", None, "clips",
-                           JOB_COLUMNS, samples_per_shard,
-                           done_shards(shards), join(work, "v2d_input"))
-    egress: dict = {"refused": [], "cut": [], "hosts": [], "retried": 0}
-    again = retry_jobs(jobs, collect_outcomes(shards, plan)[0]) if retry_failed and len(jobs) else jobs.slice(0, 0)
-    if len(again):
-        # Retry shards go after every existing shard: the sharder numbers from 0, so shift its ids.
-        with fs.open(join(work, "retry.parquet"), "wb") as fh:
-            pq.write_table(again, fh)
-        offset = max(done_shards(shards), default=-1) + 1
-        retry_sharder = InputSharder(join(work, "retry.parquet"), "parquet", "url", None, "clips",
-                                     JOB_COLUMNS, samples_per_shard, set(), join(work, f"v2d_retry_{offset}"))
-    if len(jobs):
-        fs.makedirs(join(work, "v2d_input"), exist_ok=True)
-        os.makedirs(tmp_dir, exist_ok=True)
-        with GateRun(policy, record_dir=join(work, "egress")) as gates, contextlib.redirect_stdout(io.StringIO()):
-            pending = list(sharder)  # writes the input slices of the shards not yet done
-            worker = make_worker(shards, sharder.column_list, clip_size=clip_size,
-                                 samples_per_shard=samples_per_shard, threads=threads, timeout_s=policy.timeout_s,
-                                 max_bytes=policy.max_bytes, proxy_url=gates.url, tmp_dir=tmp_dir)
-            runner = ShardRunner(worker, {**gates.env(), "TMPDIR": tmp_dir}, tmp_dir)
-            run_shards(runner, pending, resolve_distributor(distributor, len(pending), processes), processes,
-                       retries)
-            if len(again):
-                fs.makedirs(join(work, f"v2d_retry_{offset}"), exist_ok=True)
-                shifted = [(path, shard_id + offset) for path, shard_id in retry_sharder]
-                run_shards(runner, shifted, resolve_distributor(distributor, len(shifted), processes), processes,
-                           retries)
-            egress = {**gates.summary(), "retried": len(again)}
-    outcomes, samples = collect_outcomes(shards, plan)
-    return outcomes, egress, samples
+    files = job_files(out)
+    if not files:
+        return {"refused": [], "cut": [], "hosts": [], "retried": 0, "deferred_again": 0}, {}
+    os.makedirs(tmp_dir, exist_ok=True)
+    samples: dict[str, int] = {}
+    with GateRun(policy, record_dir=join(out, "_work", "egress")) as gates, \
+            contextlib.redirect_stdout(io.StringIO()):
+        worker = make_worker(shards, JOB_COLUMNS + ["clips", "url"], clip_size=clip_size,
+                             samples_per_shard=samples_per_shard, threads=threads, timeout_s=policy.timeout_s,
+                             max_bytes=policy.max_bytes, proxy_url=gates.url, tmp_dir=tmp_dir)
+        run = FileRunner(ShardRunner(worker, {**gates.env(), "TMPDIR": tmp_dir}, tmp_dir), out, samples_per_shard,
+                         distributor, processes, retries)
+        done = done_shards(shards)
+        for first, path in files:
+            samples.update(run(first, path, done))
+        fetched_again = {"retried": 0, "deferred_again": 0}
+        rounds = [("retried", 0)] if retry_failed else []
+        for kind, k in rounds + [("deferred_again", k) for k in range(1, RATE_LIMIT_ROUNDS + 1)]:
+            if kind == "retried":
+                again = write_retry_jobs(out, None, samples_per_shard, skip=set(FINAL_REASONS))
+            else:  # a host that asked for a pause gets it before its rows are asked for again
+                again = write_retry_jobs(out, {"rate_limited"}, samples_per_shard)
+                if not again:
+                    break
+                time.sleep(min(policy.backoff_s * k, policy.max_backoff_s))
+            fetched_again[kind] += sum(n for _, _, n in again)
+            for first, path, _ in again:
+                samples.update(run(first, path, done))
+        egress = {**gates.summary(), **fetched_again}
+    return egress, samples

@@ -1,27 +1,32 @@
-"""Readers for the video metadata: WebVid-10M CSV and HD-VILA-100M JSONL -> one normalised table.
+"""Readers for the video metadata: WebVid-10M (CSV or parquet) and HD-VILA-100M JSONL, in bounded batches.
 
-Both readers return a `pa.Table` with the schema `VIDEO_ROWS_SCHEMA`, so the flow can concatenate
-them and hand the ok rows to the downloader:
+Each reader yields `pa.Table` batches with the schema `VIDEO_ROWS_SCHEMA` (`iter_hdvila` here,
+`webvid.iter_webvid`; `read_hdvila`/`read_webvid` join them for small files), so the flow can plan
+one batch at a time and hand the ok rows to the downloader:
 
     key         "webvid:{videoid}" or "hdvila:{video_id}:{k}" (k = the clip's index in its video);
-                unique per table, safe as a webdataset sample key (no "/" and no ".")
+                unique once `mark_duplicates` has seen every batch (a repeat: "@line<n>" added);
+                safe as a webdataset sample key (no "/" and no ".")
     video_id    the source's id ([A-Za-z0-9_-]{1,64}); null when missing or unsafe
     clip_id     HD-VILA's clip_id, sanitised; a label only, never used as a path (null for WebVid)
     url         where the video is fetched from
     duration_s  WebVid's ISO-8601 duration in seconds; HD-VILA's optional "duration"; else null
     start_s, end_s  the clip span in seconds (null for WebVid: the whole video)
-    line        input line: the JSONL line number, or the CSV record's line (header = line 1)
+    line        input line: the JSONL line number, the CSV record's line (header = line 1), or a
+                parquet row's position + 2 (as if the parquet were that CSV)
     status      "ok" | "invalid"
     reason      null for ok rows, else one short reason ("bad_duration", "no_url", ...)
 
 Every input record ends in exactly one row (an HD-VILA video in one row per clip), so the flow can
-count outcomes. Captions (WebVid's `name`) are dropped here: the video side never carries text.
-All files are opened through `fsspec.open`, so s3:// or gs:// paths work by configuration and
-".gz"/".zst" files are decompressed by suffix.
+count outcomes. WebVid needs only `videoid` and `contentUrl`; `duration` is checked when present, the
+other columns (`name`, `page_idx`, `page_dir`) are never read: the video side carries no text. The
+format is taken from the file's first bytes (parquet magic, a JSON object, else CSV), not its name.
+A file that cannot be read as its source's format raises `MetadataError`, one line naming the file;
+a bad record inside a readable file is an invalid row with its reason. Files are opened through
+`fsspec.open` (s3://, gs:// by configuration; ".gz"/".zst" decompressed by suffix).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import ipaddress
 import json
@@ -32,7 +37,11 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.config import ConfigError
 
 VIDEO_ROWS_SCHEMA = pa.schema(
     [
@@ -49,10 +58,12 @@ VIDEO_ROWS_SCHEMA = pa.schema(
     ]
 )
 WEBVID_COLUMNS = ("videoid", "name", "page_idx", "page_dir", "duration", "contentUrl")
+WEBVID_REQUIRED = ("videoid", "contentUrl")
 URL_SCHEMES = ("http", "https")
+BATCH_ROWS = 1 << 16  # rows per batch: bounded memory whatever the file's size
 
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_ISO_DURATION = re.compile(
+ISO_DURATION = re.compile(
     r"P(?:(?P<d>\d+(?:\.\d+)?)D)?"
     r"(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?"
 )
@@ -64,7 +75,7 @@ def parse_iso_duration(text: str | None) -> float | None:
     """'PT00H00M17S' -> 17.0; None when unparseable or not positive (a video has some length)."""
     if not text:
         return None
-    match = _ISO_DURATION.fullmatch(text.strip().upper())
+    match = ISO_DURATION.fullmatch(text.strip().upper())
     if match is None or not any(match.groupdict().values()):
         return None
     parts = {k: float(v) if v else 0.0 for k, v in match.groupdict().items()}
@@ -125,6 +136,14 @@ def url_problem(url: str | None) -> str | None:
     return None
 
 
+class MetadataError(ConfigError):
+    """A metadata file that cannot be read as its source's format; the message is one line naming it."""
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
 def _row(key: str, line: int, *, video_id: str | None = None, clip_id: str | None = None,
          url: str | None = None, duration_s: float | None = None, start_s: float | None = None,
          end_s: float | None = None, reason: str | None = None) -> dict[str, Any]:
@@ -135,84 +154,124 @@ def _row(key: str, line: int, *, video_id: str | None = None, clip_id: str | Non
     }
 
 
-def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows -> table; a key seen before is made unique and its row marked "duplicate_key"."""
-    seen: set[str] = set()
-    for row in rows:
-        if row["key"] in seen:
-            row["key"] = f"{row['key']}@line{row['line']}"
-            if row["reason"] is None:
-                row["status"], row["reason"] = "invalid", "duplicate_key"
-        seen.add(row["key"])
-    return pa.Table.from_pylist(rows, schema=VIDEO_ROWS_SCHEMA)
-
-
 def _safe_id(value: Any) -> str | None:
     text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
     return text if _VIDEO_ID.fullmatch(text) else None
 
 
-# --- WebVid-10M -------------------------------------------------------------------------------
+# --- duplicate keys across batches ------------------------------------------------------------
 
 
-def read_webvid(path: str, **storage_options: Any) -> pa.Table:
-    """WebVid-10M CSV (`videoid,name,page_idx,page_dir,duration,contentUrl`) -> VIDEO_ROWS_SCHEMA.
+class KeySet:
+    """The keys seen so far, as sorted runs of 64-bit hashes merged like a binary counter: 8 bytes a
+    key, no Python object per key. A hash collision (odds ~n^2/2^65) would mark a key as seen."""
 
-    One row per CSV record; a record with the wrong number of fields becomes an invalid row
-    ("bad_csv_row"). The caption column is never read into the result.
-    """
-    with fsspec.open(path, "rt", encoding="utf-8", newline="", compression="infer", **storage_options) as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty WebVid CSV (no header)")
-        missing = [c for c in WEBVID_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path}: WebVid CSV lacks columns {missing}")
-        col = {name: header.index(name) for name in ("videoid", "duration", "contentUrl")}
-        rows = []
-        line = reader.line_num + 1  # the line where the next record starts
-        for record in reader:
-            rows.append(_webvid_row(record, len(header), col, line))
-            line = reader.line_num + 1
-    return _to_table(rows)
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def add(self, keys: list[str]) -> np.ndarray:
+        """Add `keys`; True where a key was seen before (in an earlier call or earlier in this one)."""
+        hashes = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=len(keys))
+        seen = np.zeros(len(keys), dtype=bool)
+        for run in self.runs:
+            at = np.searchsorted(run, hashes).clip(0, len(run) - 1)
+            seen |= run[at] == hashes
+        unique, first = np.unique(hashes, return_index=True)
+        seen |= ~np.isin(np.arange(len(keys)), first)
+        run = unique
+        while self.runs and len(self.runs[-1]) <= len(run):
+            run = np.union1d(self.runs.pop(), run)
+        self.runs.append(run)
+        return seen
 
 
-def _webvid_row(record: list[str], n_columns: int, col: dict[str, int], line: int) -> dict[str, Any]:
-    if len(record) != n_columns:
-        return _row(f"webvid:line{line}", line, reason="bad_csv_row")
-    video_id = _safe_id(record[col["videoid"]])
-    if video_id is None:
-        return _row(f"webvid:line{line}", line, reason="bad_video_id")
-    url = record[col["contentUrl"]].strip() or None
-    duration_s = parse_iso_duration(record[col["duration"]])
-    reason = url_problem(url) or (None if duration_s is not None else "bad_duration")
-    return _row(f"webvid:{video_id}", line, video_id=video_id, url=url, duration_s=duration_s, reason=reason)
+def mark_duplicates(rows: pa.Table, seen: KeySet) -> pa.Table:
+    """A key seen before is made unique ("@line<n>") and its row, if ok, marked "duplicate_key"."""
+    dup = pa.array(seen.add(rows.column("key").to_pylist()))
+    if not pc.any(dup).as_py():
+        return rows
+    key = pc.if_else(dup, pc.binary_join_element_wise(rows["key"], pc.cast(rows["line"], pa.string()), "@line"),
+                     rows["key"])
+    newly = pc.and_(dup, pc.equal(rows["status"], "ok"))
+    return (rows.set_column(0, "key", key)
+            .set_column(rows.schema.get_field_index("status"), "status", pc.if_else(newly, "invalid", rows["status"]))
+            .set_column(rows.schema.get_field_index("reason"), "reason",
+                        pc.if_else(newly, "duplicate_key", rows["reason"])))
+
+
+# --- the file's format ------------------------------------------------------------------------
+
+
+def sniff_format(path: str, **storage_options: Any) -> str:
+    """"parquet", "jsonl", "csv" or "empty", from the first bytes (after decompression by suffix)."""
+    try:
+        with fsspec.open(path, "rb", compression="infer", **storage_options) as fh:
+            head = fh.read(4096)
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: no such file") from None
+    except OSError as err:
+        raise MetadataError(f"{path}: cannot be opened: {one_line(err)}") from None
+    if head[:4] == b"PAR1":
+        return "parquet"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not text:
+        return "empty"
+    return "jsonl" if text[:1] in (b"{", b"[") else "csv"
 
 
 # --- HD-VILA-100M -----------------------------------------------------------------------------
 
 
-def read_hdvila(path: str, **storage_options: Any) -> pa.Table:
-    """HD-VILA-100M JSONL (`{video_id, url, clip: [{clip_id, span: [start, end]}]}`) -> one row per clip.
+def iter_hdvila(path: str, batch_rows: int = BATCH_ROWS, **storage_options: Any) -> Iterator[pa.Table]:
+    """HD-VILA-100M JSONL as released (`{video_id, url, clip: [{clip_id, span: [start, end]}]}` a line)
+    -> one row per clip, in batches that never split a video's clips.
 
-    A line that is not a JSON object gives one "bad_json" row keyed by its line number; a video
-    without a usable id, or without clips, gives one invalid row; a clip whose span is unreadable
-    or ends before it starts is invalid with "bad_span". Blank lines are not records.
+    The first record decides that the file is JSON lines (else MetadataError). After it, a line that
+    is not a JSON object (or not UTF-8) gives one "bad_json" row keyed by its line number; a video
+    without a usable id, or without clips, gives one invalid row; a clip whose span is unreadable or
+    ends before it starts is invalid with "bad_span". Blank lines are not records.
     """
+    kind = sniff_format(path, **storage_options)
+    if kind != "jsonl":
+        what = {"parquet": "a parquet file", "csv": "CSV or other text", "empty": "an empty file"}[kind]
+        raise MetadataError(f"{path}: {what}, not HD-VILA JSON lines (one {{\"video_id\", \"url\", \"clip\"}} a line)")
     rows: list[dict[str, Any]] = []
-    with fsspec.open(path, "rt", encoding="utf-8", errors="replace", compression="infer", **storage_options) as f:
-        for line_no, text in enumerate(f, start=1):
-            if text.strip():
-                rows.extend(_hdvila_rows(text, line_no))
-    return _to_table(rows)
+    first = True
+    with fsspec.open(path, "rb", compression="infer", **storage_options) as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if first else "utf-8")
+            except UnicodeDecodeError:
+                text = ""
+            if first and not isinstance(_json_object(text), dict):
+                raise MetadataError(f"{path}: line {line_no} is not a JSON object; not HD-VILA JSON lines")
+            first = False
+            rows.extend(_hdvila_rows(text, line_no))
+            if len(rows) >= batch_rows:
+                yield pa.Table.from_pylist(rows, schema=VIDEO_ROWS_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=VIDEO_ROWS_SCHEMA)
+
+
+def _json_object(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def read_hdvila(path: str, **storage_options: Any) -> pa.Table:
+    """A whole HD-VILA file as one table, duplicate keys marked (small files: tests, tools)."""
+    seen = KeySet()
+    batches = [mark_duplicates(b, seen) for b in iter_hdvila(path, **storage_options)]
+    return pa.concat_tables(batches) if batches else VIDEO_ROWS_SCHEMA.empty_table()
 
 
 def _hdvila_rows(text: str, line: int) -> Iterator[dict[str, Any]]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        obj = None
+    obj = _json_object(text)
     if not isinstance(obj, dict):
         yield _row(f"hdvila:line{line}", line, reason="bad_json")
         return

@@ -1,5 +1,5 @@
 """The parts of video2dataset's download worker that this project replaces (see pipelines/videos/download.py):
-a downloader that goes through the egress proxy and fails with a reason, a refusal of yt-dlp, exact
+a downloader that goes through its process's egress gate and fails with a reason, a refusal of yt-dlp, exact
 span cutting + resizing in one ffmpeg pass, and a writer that keeps failed rows out of the tars.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pyarrow as pa
 import requests  # video2dataset's HTTP client
 from requests.exceptions import ChunkedEncodingError
 
+from pipelines.gates import local_gate_url
 from pipelines.videos.readers import check_span
 
 
@@ -32,7 +33,9 @@ class DownloadError(Exception):
 
 @dataclass
 class CheckedDownloader:
-    """video2dataset's web-file downloader slot: fetch through the egress proxy, fail with a reason."""
+    """video2dataset's web-file downloader slot: fetch through the egress gate of the process it runs in
+    (`local_gate_url`: started from the run's gate spec when the environment names one, else
+    `proxy_url`), fail with a reason."""
 
     proxy_url: str
     timeout_s: float
@@ -40,9 +43,10 @@ class CheckedDownloader:
     tmp_dir: str
 
     def __call__(self, url: str) -> tuple[dict[str, str], None]:
+        proxy = local_gate_url(self.proxy_url)
         with requests.Session() as session:
             session.trust_env = False  # the proxy below, never an environment's no_proxy exceptions
-            session.proxies = {"http": self.proxy_url, "https": self.proxy_url}
+            session.proxies = {"http": proxy, "https": proxy}
             try:
                 with session.get(url, stream=True, timeout=self.timeout_s) as resp:
                     _check_response(resp)
@@ -68,6 +72,8 @@ def _check_response(resp: Any) -> None:
         raise DownloadError(f"refused: {resp.text.strip()[:200]}")
     if resp.status_code == 404:
         raise DownloadError(f"http_404: {resp.url}")
+    if resp.status_code == 429 or (resp.status_code == 503 and resp.headers.get("Retry-After")):
+        raise DownloadError(f"rate_limited: HTTP {resp.status_code} {resp.reason}")
     if resp.status_code in (502, 504) and "egress proxy cut" in resp.text:
         raise DownloadError(f"{'too_big' if 'max_bytes' in resp.text else 'timeout'}: {resp.text.strip()[:200]}")
     if resp.status_code == 504:
