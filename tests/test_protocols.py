@@ -22,7 +22,7 @@ from model.config import ClipConfig
 from model.feature_extractors import I3DExtractor, InceptionExtractor, i3d_input
 from model.metrics import RunningStats, feature_statistics, fid, fid_of_stats, inception_score
 from pipelines.cli import main
-from pipelines.config import preset_config
+from pipelines.config import ConfigError, preset_config
 from pipelines.evaluation.datasets import class_prompts, class_text, msrvtt_captions, read_clip, ucf101_classes
 from pipelines.evaluation.msrvtt import evaluate_msrvtt
 from pipelines.evaluation.ucf101 import evaluate_ucf101
@@ -221,3 +221,10 @@ def test_missing_model_files_and_datasets_are_one_clear_line(files, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "MSR-VTT video video9 not found" in err
     assert not (tmp_path / "o" / "videos").exists()  # nothing generated before the inputs were checked
+
+
+def test_a_reference_video_that_does_not_decode_is_one_error_naming_it(tmp_path):
+    bad = tmp_path / "v_Bad_g01_c01.avi"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(ConfigError, match=f"reference video {bad} does not decode"):
+        read_clip(bad, 4, 16)

@@ -24,6 +24,8 @@ import cv2
 import decord
 import numpy as np
 
+from pipelines.config import ConfigError
+
 UCF_CLIP = re.compile(r"^v_(?P<cls>[A-Za-z0-9]+)_g(?P<group>\d+)_c(?P<clip>\d+)\.avi$")
 MSRVTT_ANNOTATIONS = ("test_videodatainfo.json", "MSRVTT_data.json", "annotation/MSR_VTT.json",
                       "MSRVTT_JSFUSION_test.csv")
@@ -72,13 +74,18 @@ def ucf101_reference(root: str | Path, classes: Sequence[str], count: int) -> li
 
 def read_clip(path: str | Path, frames: int, side: int, stride: int = 1) -> np.ndarray:
     """`frames` frames `stride` apart from the clip's middle, centre-cropped square and resized to `side`:
-    (frames, side, side, 3) uint8. A clip shorter than that repeats its last frame."""
-    reader = decord.VideoReader(str(path), num_threads=1)
-    n = len(reader)
-    span = (frames - 1) * stride + 1
-    start = max(0, (n - span) // 2)
-    index = [min(start + i * stride, n - 1) for i in range(frames)]
-    video = reader.get_batch(index).asnumpy()  # (F, H, W, 3)
+    (frames, side, side, 3) uint8. A clip shorter than that repeats its last frame. A clip that does not
+    decode is a ConfigError naming the file (one line at the CLI): a reference set is not scored without it."""
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        n = len(reader)
+        span = (frames - 1) * stride + 1
+        start = max(0, (n - span) // 2)
+        index = [min(start + i * stride, n - 1) for i in range(frames)]
+        video = reader.get_batch(index).asnumpy()  # (F, H, W, 3)
+    except (decord.DECORDError, RuntimeError, IndexError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"reference video {path} does not decode: {reason[:200]}") from None
     return square(video, side)
 
 
