@@ -236,34 +236,6 @@ def kill_after_first_shard(args: list[str], out: Path) -> None:
     assert not (out / "manifest.json").exists()
 
 
-KILL_DRIVER = """
-import sys
-from pipelines.config import LOOPBACK_HOST_RATE, ImageDataConfig
-from pipelines.flows.images import build_image_dataset
-from pipelines.safety import UrlPolicy
-
-policy = UrlPolicy(allow_public=False, allow_networks=["127.0.0.1/32"], timeout_s=2.0, max_bytes=2**20,
-                   host_rate=LOOPBACK_HOST_RATE)
-cfg = ImageDataConfig(image_size=32, samples_per_shard=8, processes=1, threads=2, retries=0)
-build_image_dataset([sys.argv[1]], sys.argv[2], cfg, policy)
-"""
-
-
-def test_a_real_kill_mid_flow_then_resume_matches_an_uninterrupted_run(world, tmp_path):
-    """SIGKILL the flow's process group once the first shard is done; the rerun finishes the job and
-    ends exactly where an uninterrupted run ends (same outcomes, same samples, no duplicates)."""
-    root, _ = world
-    meta, out = str(root / "laion.parquet"), tmp_path / "killed"
-    kill_after_first_shard([KILL_DRIVER, meta, str(out)], out)
-    cfg = IMAGES.model_copy(update={"samples_per_shard": 8, "threads": 2})
-    resumed = build_image_dataset([meta], str(out), cfg, POLICY)
-    clean = build_image_dataset([meta], str(tmp_path / "clean"), cfg, POLICY)
-    assert resumed["counts"] == clean["counts"]
-    assert _outcomes(out) == _outcomes(tmp_path / "clean")
-    keys = _keys(out)
-    assert len(keys) == len(set(keys)) == clean["counts"]["written"]
-
-
 DNS_DRIVER = """
 import sys
 from pipelines.config import LOOPBACK_HOST_RATE, ImageDataConfig
