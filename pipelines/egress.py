@@ -199,6 +199,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self.close_connection = True
 
+    def _in_turn(self, url: str, decision: UrlDecision, run: Callable[[str, UrlDecision], None]) -> None:
+        """Run the request in its host's turn (the limiter), or answer 429 at once when the host defers it."""
+        deferral = self.egress.take_turn(url, decision)
+        if deferral is not None:
+            self._reply(429, f"egress gate deferred: {deferral.reason}", deferral.retry_after_s)
+            return
+        self.egress.counters.add(active=1)
+        try:
+            run(url, decision)
+        finally:
+            self.egress.limiter.release(decision.host)
+            self.egress.counters.add(active=-1)
+
     def _refuse_method(self) -> None:
         self.egress.record("refused", self.path, f"method {self.command} not allowed")
         self._reply(405, f"egress proxy: method {self.command} not allowed")
@@ -224,16 +237,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if not decision.allowed:
             self._reply(403, f"egress proxy refused: {decision.reason}")
             return
-        deferral = self.egress.take_turn(url, decision)
-        if deferral is not None:
-            self._reply(429, f"egress gate deferred: {deferral.reason}", deferral.retry_after_s)
-            return
-        self.egress.counters.add(active=1)
-        try:
-            self._forward_allowed(url, decision)
-        finally:
-            self.egress.limiter.release(decision.host)
-            self.egress.counters.add(active=-1)
+        self._in_turn(url, decision, self._forward_allowed)
         self.close_connection = True
 
     def _forward_allowed(self, url: str, decision: UrlDecision) -> None:
@@ -336,16 +340,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if not decision.allowed:
             self._reply(403, f"egress proxy refused: {decision.reason}")
             return
-        deferral = self.egress.take_turn(url, decision)  # one turn per tunnel
-        if deferral is not None:
-            self._reply(429, f"egress gate deferred: {deferral.reason}", deferral.retry_after_s)
-            return
-        self.egress.counters.add(active=1)
-        try:
-            self._open_tunnel(url, decision)
-        finally:
-            self.egress.limiter.release(decision.host)
-            self.egress.counters.add(active=-1)
+        self._in_turn(url, decision, self._open_tunnel)  # one turn per tunnel
 
     def _open_tunnel(self, url: str, decision: UrlDecision) -> None:
         deadline = time.monotonic() + self.egress.policy.timeout_s
